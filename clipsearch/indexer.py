@@ -1,0 +1,334 @@
+"""The `indexer` room: scan -> diff against the store -> decode in worker processes -> embed in batches -> commit.
+
+Incremental by design: unchanged files (size + mtime) cost one stat; moved or copied files take their vector from the row
+with the same content fingerprint; only new or changed pixels reach the model. Each batch commits in one transaction, so a
+kill loses at most the batch in flight. Progress goes to a callback; nothing here prints.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import media
+from .errors import BadInput
+from .media import Decoded, PreprocessSpec
+from .model import ClipModel
+from .store import Store
+from .vectors import VectorIndex
+
+CHUNK = 4  # paths per worker task: amortises inter-process overhead without starving the batcher
+
+
+@dataclass
+class Progress:
+    """One progress report. `phase` is 'scan', 'embed' or 'done'; counts are cumulative for the run."""
+
+    phase: str
+    done: int = 0
+    total: int = 0
+    path: str | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class IndexReport:
+    """What a run did; also recorded in the `runs` table."""
+
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    copied: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    embedded: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Work:
+    """A file that needs pixels: new, changed, or a previous error whose file changed."""
+
+    path: str
+    root: str
+    size: int
+    mtime_ns: int
+    fingerprint: str
+
+
+@dataclass
+class _Plan:
+    work: list[_Work] = field(default_factory=list)
+    gone: dict[str, int] = field(default_factory=dict)       # path -> id of rows whose file vanished from a live root
+    orphans: dict[int, str] = field(default_factory=dict)    # id -> path of rows whose root is missing (move sources only)
+    new_files: list[tuple[str, str, os.stat_result]] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+class Indexer:
+    """Brings an index up to date with a set of root folders."""
+
+    def __init__(self, store: Store, vectors: VectorIndex, model: ClipModel, *, batch_size: int = 32,
+                 workers: int | None = None, progress: ProgressCallback | None = None) -> None:
+        if batch_size < 1:
+            raise BadInput("--batch-size must be at least 1")
+        if workers is not None and workers < 0:
+            raise BadInput("--workers must be 0 or more")
+        self.store = store
+        self.vectors = vectors
+        self.model = model
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        self.progress = progress or (lambda _p: None)
+        self.report = IndexReport()
+
+    # planning -----------------------------------------------------------------------------------------------------
+    def _plan(self, roots: Sequence[str]) -> _Plan:
+        plan = _Plan()
+        scanned = 0
+        for root in roots:
+            if not os.path.exists(root):
+                self._warn(f"{root} is missing (unplugged drive?): nothing under it was deleted")
+                self._orphans_under(root, plan)
+                self.store.touch_root(root, "missing")
+                continue
+            known = self.store.states_under(root)
+            found: dict[str, os.stat_result] = {}
+            for path in media.iter_images(root, on_error=lambda p, why: self._warn(f"cannot read folder {p}: {why}")):
+                st = _stat(path)
+                if st is not None:
+                    found[path] = st
+                scanned += 1
+                if scanned % 500 == 0:
+                    self.progress(Progress("scan", scanned))
+            if not found and known:
+                self._warn(f"{root} holds no images now but the index has {len(known)} from it "
+                           f"(drive not mounted?): nothing was deleted")
+                self._orphans_under(root, plan)
+                self.store.touch_root(root, "empty")
+                continue
+            self.store.touch_root(root, "ok")
+            for path, st in found.items():
+                state = known.get(path)
+                if state is None:
+                    plan.new_files.append((path, root, st))
+                elif state.size != st.st_size or state.mtime_ns != st.st_mtime_ns:
+                    plan.changed.add(path)
+                    plan.work.append(_Work(path, root, st.st_size, st.st_mtime_ns, ""))
+                else:
+                    self.report.unchanged += 1
+            for path, state in known.items():
+                if path not in found:
+                    plan.gone[path] = state.id
+        for known_root in self.store.roots():
+            if known_root["path"] not in roots and not os.path.exists(known_root["path"]):
+                self._orphans_under(known_root["path"], plan)
+        self.progress(Progress("scan", scanned, scanned))
+        return plan
+
+    def _orphans_under(self, root: str, plan: _Plan) -> None:
+        for path, state in self.store.states_under(root).items():
+            if state.status == "ok":
+                plan.orphans[state.id] = path
+
+    def _warn(self, message: str) -> None:
+        self.report.warnings.append(message)
+
+    # moves and copies ---------------------------------------------------------------------------------------------
+    def _reuse(self, plan: _Plan) -> None:
+        """New files whose content is already embedded take that vector instead of going through the model."""
+        prints = {path: media.fingerprint(path) for path, _root, _st in plan.new_files if _readable(path)}
+        candidates = self.store.rows_with_fingerprints(prints.values())
+        gone_ids = set(plan.gone.values())
+        moved_ids: set[int] = set()
+        with self.store.transaction():
+            for path, root, st in plan.new_files:
+                fp = prints.get(path, "")
+                rows = candidates.get(fp, [])
+                source = next((r for r in rows if r["id"] not in moved_ids and
+                               (r["id"] in gone_ids or r["id"] in plan.orphans)), None)
+                if source is not None:
+                    moved_ids.add(source["id"])
+                    self.store.move_image(source["id"], path, root, st.st_size, st.st_mtime_ns)
+                    plan.gone.pop(source["path"], None)
+                    self.report.moved += 1
+                    continue
+                if rows:
+                    source = rows[0]
+                    vector = self.store.vector(source["id"])
+                    if vector is not None:
+                        keep = {k: source[k] for k in ("width", "height", "taken", "format")}
+                        image_id = self.store.put_image({"path": path, "root": root, "size": st.st_size,
+                                                         "mtime_ns": st.st_mtime_ns, "fingerprint": fp, "status": "ok",
+                                                         "error": None, **keep}, vector)
+                        self._added_vector_ids.append((image_id, vector))
+                        self.report.copied += 1
+                        continue
+                plan.work.append(_Work(path, root, st.st_size, st.st_mtime_ns, fp))
+            if self._added_vector_ids:
+                self.store.bump_generation()
+        self._apply_to_faiss(removed=[])
+
+    # embedding ----------------------------------------------------------------------------------------------------
+    def _decoded(self, work: list[_Work], spec: PreprocessSpec) -> Iterator[tuple[_Work, Decoded | None, str | None]]:
+        """Decoded files in order, from worker processes with a bounded read-ahead (memory stays flat)."""
+        if self.workers == 0:
+            for item in work:
+                _path, decoded, error = media.decode(item.path, spec)
+                yield item, decoded, error
+            return
+        chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
+        window = max(2, (2 * self.batch_size) // CHUNK + self.workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context) as pool:
+            pending: deque[tuple[list[_Work], Future]] = deque()
+            next_chunk = 0
+            try:
+                while pending or next_chunk < len(chunks):
+                    while next_chunk < len(chunks) and len(pending) < window:
+                        chunk = chunks[next_chunk]
+                        pending.append((chunk, pool.submit(_decode_many, [w.path for w in chunk], spec)))
+                        next_chunk += 1
+                    chunk, future = pending.popleft()
+                    for item, (_path, decoded, error) in zip(chunk, future.result()):
+                        yield item, decoded, error
+            finally:
+                for _chunk, future in pending:
+                    future.cancel()
+
+    def _embed_all(self, plan: _Plan) -> None:
+        spec = self.model.preprocess
+        total = len(plan.work)
+        done = 0
+        batch: list[tuple[_Work, Decoded]] = []
+        failed: list[tuple[_Work, str]] = []
+        self.progress(Progress("embed", 0, total))
+        for item, decoded, error in self._decoded(plan.work, spec):
+            if decoded is None:
+                failed.append((item, error or "unreadable"))
+            else:
+                batch.append((item, decoded))
+            if len(batch) >= self.batch_size:
+                done += self._commit(batch, failed, plan)
+                batch, failed = [], []
+                self.progress(Progress("embed", done, total, item.path))
+        if batch or failed:
+            done += self._commit(batch, failed, plan)
+            self.progress(Progress("embed", done, total))
+
+    def _commit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]], plan: _Plan) -> int:
+        vectors = self.model.encode_images(media.to_model_input(np.stack([d.pixels for _w, d in batch]), self.model.preprocess)) \
+            if batch else np.empty((0, self.model.dim), np.float32)
+        replaced: list[int] = []
+        with self.store.transaction():
+            for (item, decoded), vector in zip(batch, vectors):
+                fp = item.fingerprint or media.fingerprint(item.path)
+                row = {"path": item.path, "root": item.root, "size": item.size, "mtime_ns": item.mtime_ns,
+                       "fingerprint": fp, "width": decoded.width, "height": decoded.height, "taken": decoded.taken,
+                       "format": decoded.format, "status": "ok", "error": None}
+                image_id = self.store.put_image(row, vector)
+                if item.path in plan.changed:
+                    replaced.append(image_id)
+                    self.report.updated += 1
+                else:
+                    self.report.added += 1
+                self._added_vector_ids.append((image_id, vector))
+            for item, reason in failed:
+                row = {"path": item.path, "root": item.root, "size": item.size, "mtime_ns": item.mtime_ns,
+                       "fingerprint": item.fingerprint or None, "width": None, "height": None, "taken": None,
+                       "format": None, "status": "error", "error": reason}
+                image_id = self.store.put_image(row, None)
+                replaced.append(image_id)  # a changed file that now fails loses its old vector
+                self.report.errors += 1
+            self.store.bump_generation()
+        self.report.embedded += len(batch)
+        self._apply_to_faiss(removed=replaced)
+        return len(batch) + len(failed)
+
+    def _apply_to_faiss(self, removed: list[int]) -> None:
+        """Mirror the committed change in the in-memory FAISS index (saved once at the end of the run)."""
+        self.vectors.remove(np.asarray(removed, dtype=np.int64))
+        if self._added_vector_ids:
+            ids = np.asarray([i for i, _v in self._added_vector_ids], dtype=np.int64)
+            self.vectors.remove(ids)
+            self.vectors.add(ids, np.stack([v for _i, v in self._added_vector_ids]))
+        self._added_vector_ids = []
+        self.vectors.generation = self.store.generation
+
+    def _remove_gone(self, plan: _Plan) -> None:
+        ids = list(plan.gone.values())
+        if not ids:
+            return
+        with self.store.transaction():
+            self.store.delete_images(ids)
+            self.store.bump_generation()
+        self.vectors.remove(np.asarray(ids, dtype=np.int64))
+        self.vectors.generation = self.store.generation
+        self.report.removed += len(ids)
+
+    # the run ------------------------------------------------------------------------------------------------------
+    def run(self, roots: Sequence[str]) -> IndexReport:
+        started = time.monotonic()
+        self._added_vector_ids: list[tuple[int, np.ndarray]] = []
+        run_id = self.store.start_run(roots)
+        status = "failed"
+        try:
+            plan = self._plan(roots)
+            self._reuse(plan)
+            self._remove_gone(plan)
+            self._embed_all(plan)
+            status = "ok"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            self.report.seconds = time.monotonic() - started
+            values = {k: getattr(self.report, k) for k in
+                      ("added", "updated", "moved", "copied", "removed", "errors", "unchanged", "seconds")}
+            self.store.finish_run(run_id, {**values, "status": status, "warnings": "\n".join(self.report.warnings)})
+        self.progress(Progress("done", self.report.embedded, self.report.embedded))
+        return self.report
+
+
+def _readable(path: str) -> bool:
+    return os.access(path, os.R_OK)
+
+
+def _decode_many(paths: list[str], spec: PreprocessSpec) -> list[tuple[str, Decoded | None, str | None]]:
+    return [media.decode(path, spec) for path in paths]
+
+
+def default_workers() -> int:
+    """Decode processes: one per core beyond the one the model uses, at least one."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def normalise_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Absolute, user-expanded, without trailing slashes; symlinks are kept as the user named them."""
+    result: list[str] = []
+    for path in paths:
+        root = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if root not in result:
+            result.append(root)
+    return result

@@ -1,0 +1,173 @@
+"""The `model` room: loading an open_clip model and turning pixels and texts into L2-normalised float32 vectors.
+
+It knows nothing of files beyond the checkpoint it loads, nor of SQLite or FAISS. torch and open_clip are imported lazily
+so that commands which never embed (info, verify) start fast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .errors import ModelError
+from .media import PreprocessSpec, fingerprint
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+PROJECT_CONFIGS = Path(__file__).with_name("model_configs")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load: an open_clip name and a pretrained tag or local checkpoint file."""
+
+    name: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+
+    @classmethod
+    def for_model(cls, name: str) -> "ModelSpec":
+        """A model named without weights gets its first published tag (the default tag for the default model)."""
+        if name == DEFAULT_MODEL:
+            return cls(name, DEFAULT_PRETRAINED)
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        return cls(name, tags[0] if tags else "")
+
+    @classmethod
+    def default(cls) -> "ModelSpec":
+        """The model for new indexes: $CLIPSEARCH_MODEL / $CLIPSEARCH_PRETRAINED when set, else ViT-B-32 on LAION-2B."""
+        return cls(os.environ.get("CLIPSEARCH_MODEL") or DEFAULT_MODEL,
+                   os.environ.get("CLIPSEARCH_PRETRAINED") or DEFAULT_PRETRAINED)
+
+    def resolved(self) -> "ModelSpec":
+        """Checkpoint paths made absolute, so an index can find its model again from any working directory."""
+        candidate = Path(self.pretrained).expanduser()
+        if candidate.is_file():
+            return ModelSpec(self.name, str(candidate.resolve()))
+        return self
+
+
+def register_project_configs() -> None:
+    """Make the configs shipped in `clipsearch/model_configs` known to open_clip by name, like its built-in ones."""
+    import open_clip
+
+    if PROJECT_CONFIGS not in getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", []):
+        open_clip.add_model_config(PROJECT_CONFIGS)
+
+
+def pretrained_id(spec: ModelSpec) -> str:
+    """What identifies the weights: the tag itself, or a content fingerprint of a checkpoint file (so a moved file still matches)."""
+    path = Path(spec.pretrained).expanduser()
+    if path.is_file():
+        return f"file:{fingerprint(path)}"
+    return spec.pretrained
+
+
+def _check_spec(spec: ModelSpec) -> None:
+    """Fail early with a message a person can act on, before open_clip raises something vaguer."""
+    import open_clip
+
+    if spec.name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if open_clip.get_model_config(spec.name) is None:
+        raise ModelError(f"unknown model '{spec.name}' (open_clip knows e.g. ViT-B-32, ViT-B-16, ViT-L-14, RN50)")
+    if not spec.pretrained:
+        raise ModelError(f"{spec.name} has no published weights: pass a checkpoint file with --pretrained FILE")
+    path = Path(spec.pretrained).expanduser()
+    if path.is_file() or open_clip.get_pretrained_cfg(spec.name, spec.pretrained):
+        return
+    if path.suffix.lower() in _CHECKPOINT_SUFFIXES or os.sep in spec.pretrained:
+        raise ModelError(f"checkpoint file not found: {spec.pretrained}")
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
+    raise ModelError(
+        f"'{spec.pretrained}' is neither a pretrained tag of {spec.name} (known: {tags}) nor a checkpoint file"
+    )
+
+
+def _offline_hint(spec: ModelSpec) -> str:
+    return (
+        f"weights '{spec.pretrained}' for {spec.name} are not cached and could not be downloaded (offline?); "
+        f"download them once with network, or pass a local checkpoint: --pretrained /path/to/open_clip_model.safetensors"
+    )
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ClipModel:
+    """A loaded open_clip model with the preprocessing it was trained with."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        import torch
+
+        register_project_configs()
+        import open_clip
+
+        spec = spec.resolved()
+        _check_spec(spec)
+        self.spec = spec
+        self.device = device or default_device()
+        quiet = logging.getLogger()
+        previous = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # open_clip logs at error level before raising; we raise our own clear error
+        try:
+            net, _, _ = open_clip.create_model_and_transforms(
+                spec.name, pretrained=spec.pretrained, device=self.device
+            )
+        except (RuntimeError, AssertionError) as exc:
+            text = str(exc) or type(exc).__name__
+            if "Failed to download" in text or "offline" in text.lower():
+                raise ModelError(_offline_hint(spec)) from exc
+            raise ModelError(f"cannot load {spec.name} with '{spec.pretrained}': {text.splitlines()[0]}") from exc
+        except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"cannot read checkpoint '{spec.pretrained}': {first}") from exc
+        finally:
+            quiet.setLevel(previous)
+        net.eval()
+        self._net = net
+        self._torch = torch
+        self._tokenizer = open_clip.get_tokenizer(spec.name)
+        self.preprocess = PreprocessSpec.from_open_clip(net.visual.preprocess_cfg)
+        self.dim = int(self.encode_texts(["a"]).shape[1])  # works for every tower type, costs one tiny forward
+
+    @property
+    def identity(self) -> str:
+        """Name + weights + preprocessing: two models with equal identities produce interchangeable vectors."""
+        return json.dumps(
+            {"model": self.spec.name, "pretrained": pretrained_id(self.spec), "preprocess": asdict(self.preprocess)},
+            sort_keys=True,
+        )
+
+    def _normalise(self, features: "torch.Tensor") -> np.ndarray:
+        features = features.float()
+        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 model input (see media.to_model_input) -> (N, dim) unit vectors."""
+        torch = self._torch
+        with torch.inference_mode():
+            pixels = torch.from_numpy(batch).to(self.device)
+            return self._normalise(self._net.encode_image(pixels))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, dim) unit vectors; texts longer than the context are truncated by the tokenizer."""
+        torch = self._torch
+        with torch.inference_mode():
+            tokens = self._tokenizer(list(texts)).to(self.device)
+            return self._normalise(self._net.encode_text(tokens))

@@ -1,0 +1,227 @@
+"""End to end through the CLI on real files (../shared/data), with a small seeded random-init model."""
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from clipsearch import errors
+from clipsearch.cli import cli
+from conftest import TINY_MODEL, shared
+
+
+def clip(*args: str, code: int = 0):
+    """Run the CLI in-process; assert the exit code; errors must be one line with no traceback."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    if code:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(("clipsearch: ", "Error:", "Usage:")) or "Usage:" in result.stderr
+        assert "Traceback" not in result.stderr
+    return result
+
+
+def as_json(*args: str):
+    return json.loads(clip(*args, "--json").stdout)
+
+
+def tiny(checkpoint: Path) -> list[str]:
+    return ["--model", TINY_MODEL, "--pretrained", str(checkpoint)]
+
+
+def copy_photos(target: Path, count: int) -> list[Path]:
+    source = sorted(shared("photos", "exif-samples").glob("*.jpg"))[:count]
+    target.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(p, target / p.name)) for p in source]
+
+
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory, tiny_checkpoint):
+    photos = shared("photos")
+    idx = tmp_path_factory.mktemp("photo-index") / "idx"
+    result = clip("index", photos, "--index", idx, *tiny(tiny_checkpoint), "--workers", "1")
+    return idx, photos, result
+
+
+def test_index_real_photo_folder(photo_index):
+    idx, photos, result = photo_index
+    manifest = [json.loads(line) for line in (photos / "manifest.jsonl").read_text().splitlines()]
+    data = as_json("info", "--index", idx)
+    assert data["images"] == len(manifest) and data["errors"] == 0
+    assert data["model"] == TINY_MODEL and data["dim"] == 64 and data["pretrained"].endswith("tiny.pt")
+    assert data["last_run"]["added"] == len(manifest) and data["size_bytes"] > 0
+    assert f"{len(manifest)} embedded" in result.stdout
+
+
+def test_metadata_is_stored(photo_index):
+    idx, photos, _ = photo_index
+    import sqlite3
+
+    manifest = {json.loads(l)["image"]: json.loads(l) for l in (photos / "manifest.jsonl").read_text().splitlines()}
+    rows = {r[0]: r[1:] for r in sqlite3.connect(idx / "clipsearch.db").execute(
+        "SELECT path, width, height, taken FROM images")}
+    for rel, entry in manifest.items():
+        width, height, taken = rows[str(photos / rel)]
+        rotated = entry.get("exif_orientation") in (5, 6, 7, 8)
+        assert (width, height) == ((entry["height"], entry["width"]) if rotated else (entry["width"], entry["height"]))
+        if re.match(r"[12]\d{3}:", entry.get("exif_datetime") or ""):
+            assert taken and taken[:4] == entry["exif_datetime"][:4]
+
+
+def test_search_and_similar(photo_index):
+    idx, photos, _ = photo_index
+    hits = as_json("search", "a red bicycle", "--index", idx, "-k", "7")
+    assert len(hits) == 7 and all({"id", "path", "score"} <= h.keys() for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert all(h["path"].startswith(str(photos)) for h in hits)
+    probe = hits[0]["path"]
+    similar = as_json("similar", probe, "--index", idx, "-k", "5")
+    assert len(similar) == 5 and probe not in [h["path"] for h in similar]
+    table = clip("search", "a red bicycle", "--index", idx, "-k", "3").stdout.splitlines()
+    assert len(table) == 3 and table[0].split()[2] == hits[0]["path"]
+
+
+def test_k_up_to_index_size(photo_index):
+    idx, _, _ = photo_index
+    total = as_json("info", "--index", idx)["images"]
+    assert len(as_json("search", "anything", "--index", idx, "-k", str(total + 50))) == total
+
+
+def test_verify_and_incremental_rerun(photo_index):
+    idx, photos, _ = photo_index
+    assert "agree" in clip("verify", "--index", idx).stdout
+    again = clip("index", photos, "--index", idx, "--workers", "0")  # the index remembers its model
+    assert again.stdout.startswith("0 embedded")
+    assert as_json("info", "--index", idx)["last_run"]["unchanged"] == as_json("info", "--index", idx)["images"]
+
+
+def test_broken_files_are_recorded_and_do_not_stop_the_run(tmp_path, tiny_checkpoint):
+    broken = shared("broken")
+    manifest = [json.loads(line) for line in (broken / "manifest.jsonl").read_text().splitlines()]
+    idx = tmp_path / "idx"
+    clip("index", broken, "--index", idx, *tiny(tiny_checkpoint))
+    recorded = {row["path"]: row["error"] for row in as_json("errors", "--index", idx)}
+    for entry in manifest:
+        assert recorded.get(str(broken / entry["image"])), entry["image"]
+    assert as_json("info", "--index", idx)["errors"] == len(manifest)
+
+
+def test_moves_renames_copies_changes_and_deletions(tmp_path, tiny_checkpoint):
+    lib = tmp_path / "lib"
+    files = copy_photos(lib, 6)
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, *tiny(tiny_checkpoint), "--workers", "0")
+    before = {h["path"]: h["id"] for h in as_json("search", "x", "--index", idx, "-k", "100")}
+
+    (lib / "sub").mkdir()
+    files[0].rename(lib / "sub" / "moved.jpg")           # moved
+    files[1].rename(lib / "renamed.JPG")                  # renamed
+    files[2].unlink()                                     # deleted
+    shutil.copy2(files[3], lib / "copy.jpg")              # duplicated
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), "blue").save(files[4])   # changed in place
+    out = clip("index", lib, "--index", idx, "--workers", "0").stdout
+    assert out.startswith("1 embedded") and "1 updated, 2 moved, 1 copied, 1 removed" in out
+
+    after = {h["path"]: h["id"] for h in as_json("search", "x", "--index", idx, "-k", "100")}
+    assert after[str(lib / "sub" / "moved.jpg")] == before[str(files[0])]
+    assert after[str(lib / "renamed.JPG")] == before[str(files[1])]
+    assert str(files[2]) not in after and len(after) == 6
+    clip("verify", "--index", idx)
+
+
+def test_missing_or_empty_root_deletes_nothing_and_returning_files_are_found(tmp_path, tiny_checkpoint):
+    lib = tmp_path / "drive" / "photos"
+    copy_photos(lib, 4)
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, *tiny(tiny_checkpoint), "--workers", "0")
+
+    lib.rename(tmp_path / "unplugged")                         # the drive is gone
+    result = clip("index", "--index", idx)                     # no PATH: refresh every known folder
+    assert "missing" in result.stderr and as_json("info", "--index", idx)["images"] == 4
+
+    lib.mkdir()                                                # an empty mount point
+    result = clip("index", lib, "--index", idx)
+    assert "nothing was deleted" in result.stderr and as_json("info", "--index", idx)["images"] == 4
+
+    lib.rmdir()
+    (tmp_path / "unplugged").rename(lib)                       # it comes back: nothing to embed
+    assert clip("index", "--index", idx).stdout.startswith("0 embedded")
+    assert as_json("info", "--index", idx)["images"] == 4
+
+
+def test_renamed_root_folder_reuses_every_vector(tmp_path, tiny_checkpoint):
+    old = tmp_path / "Photos"
+    copy_photos(old, 5)
+    idx = tmp_path / "idx"
+    clip("index", old, "--index", idx, *tiny(tiny_checkpoint), "--workers", "0")
+    old.rename(tmp_path / "Pictures")
+    out = clip("index", tmp_path / "Pictures", "--index", idx).stdout
+    assert out.startswith("0 embedded") and "5 moved" in out
+    assert {Path(h["path"]).parent.name for h in as_json("search", "x", "--index", idx, "-k", "10")} == {"Pictures"}
+
+
+def test_other_model_is_refused(tmp_path, tiny_checkpoint):
+    lib = tmp_path / "lib"
+    copy_photos(lib, 2)
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, *tiny(tiny_checkpoint), "--workers", "0")
+    clip("index", lib, "--index", idx, "--model", "ViT-B-32", code=errors.ModelMismatch.exit_code)
+    other = tmp_path / "other.pt"
+    import torch
+
+    state = torch.load(tiny_checkpoint)
+    torch.save({k: v + 1 for k, v in state.items()}, other)
+    clip("index", lib, "--index", idx, "--pretrained", other, code=errors.ModelMismatch.exit_code)
+    assert as_json("info", "--index", idx)["images"] == 2
+
+
+def test_bare_index_name_lives_under_the_index_home(tmp_path, tiny_checkpoint):
+    lib = tmp_path / "lib"
+    copy_photos(lib, 2)
+    clip("index", lib, "--index", "holiday", *tiny(tiny_checkpoint), "--workers", "0")
+    assert (Path(os.environ["CLIPSEARCH_HOME"]) / "indexes" / "holiday" / "clipsearch.db").exists()
+    assert as_json("info", "--index", "holiday")["images"] == 2
+
+
+@pytest.mark.parametrize("args, code", [
+    (["search", "dog", "--index", "{missing}"], errors.IndexMissing.exit_code),
+    (["info", "--index", "{notindex}"], errors.NotAnIndex.exit_code),
+    (["index", "{tmp}/no/such/folder", "--index", "{tmp}/i"], errors.BadInput.exit_code),
+    (["search", "dog", "-k", "0", "--index", "{missing}"], 2),
+    (["search", "dog", "-k", "many", "--index", "{missing}"], 2),
+    (["index", "{tmp}", "--index", "{tmp}/i", "--model", "ViT-Nope"], errors.ModelError.exit_code),
+    (["index", "{tmp}", "--index", "{tmp}/i", "--pretrained", "nope_tag"], errors.ModelError.exit_code),
+])
+def test_bad_input_is_one_line_and_a_distinct_exit_code(tmp_path, args, code):
+    (tmp_path / "notindex").mkdir()
+    (tmp_path / "notindex" / "clipsearch.db").write_text("hello")
+    subs = {"missing": str(tmp_path / "missing"), "notindex": str(tmp_path / "notindex"), "tmp": str(tmp_path)}
+    clip(*[a.format(**subs) for a in args], code=code)
+
+
+def test_query_errors_on_a_real_index(photo_index, tmp_path):
+    idx, _, _ = photo_index
+    clip("search", "   ", "--index", idx, code=errors.BadInput.exit_code)
+    clip("similar", tmp_path / "nope.jpg", "--index", idx, code=errors.BadInput.exit_code)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    clip("similar", tmp_path / "notes.jpg", "--index", idx, code=errors.BadInput.exit_code)
+
+
+def test_python_dash_m_and_console_script(photo_index):
+    idx, _, _ = photo_index
+    proc = subprocess.run([sys.executable, "-m", "clipsearch", "info", "--index", str(idx), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["images"] > 0
+    script = shutil.which("clipsearch")
+    assert script, "the clipsearch console script is installed"
+    proc = subprocess.run([script, "search", "", "--index", str(idx)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == errors.BadInput.exit_code and "Traceback" not in proc.stderr

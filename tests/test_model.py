@@ -1,0 +1,120 @@
+"""The model room: local checkpoints, the Hugging Face cache layout offline, and clear errors, all without network."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clipsearch.errors import ModelError
+from clipsearch.model import ClipModel, ModelSpec
+from conftest import TINY_MODEL
+
+
+def reference_text_vectors(checkpoint, texts):
+    import open_clip
+
+    net = open_clip.create_model(TINY_MODEL, pretrained=None)
+    net.load_state_dict(torch.load(checkpoint))
+    net.eval()
+    with torch.no_grad():
+        out = net.encode_text(open_clip.get_tokenizer(TINY_MODEL)(texts)).float()
+    return (out / out.norm(dim=-1, keepdim=True)).numpy()
+
+
+def test_local_state_dict_checkpoint_loads(tiny_checkpoint):
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu")
+    texts = ["a red bicycle", "two dogs on a beach"]
+    got = model.encode_texts(texts)
+    assert got.dtype == np.float32 and got.shape == (2, 64)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert np.allclose(got, reference_text_vectors(tiny_checkpoint, texts), atol=1e-5)
+    assert model.dim == 64 and model.preprocess.size == (224, 224)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "wrapped"])
+def test_safetensors_and_wrapped_checkpoints_load(tiny_checkpoint, tmp_path, layout):
+    state = torch.load(tiny_checkpoint)
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "tiny.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        path = tmp_path / "tiny-wrapped.pt"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+    model = ClipModel(ModelSpec(TINY_MODEL, str(path)), device="cpu")
+    assert np.allclose(model.encode_texts(["a cat"]), reference_text_vectors(tiny_checkpoint, ["a cat"]), atol=1e-5)
+
+
+def test_identity_follows_content_not_location(tiny_checkpoint, tmp_path):
+    moved = tmp_path / "elsewhere.pt"
+    moved.write_bytes(tiny_checkpoint.read_bytes())
+    a = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu")
+    b = ClipModel(ModelSpec(TINY_MODEL, str(moved)), device="cpu")
+    assert a.identity == b.identity
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (ModelSpec("ViT-Nope-99", "openai"), "unknown model"),
+    (ModelSpec("ViT-B-32", "no_such_tag"), "laion2b_s34b_b79k"),
+    (ModelSpec("ViT-B-32", "/no/such/file.safetensors"), "checkpoint file not found"),
+])
+def test_bad_model_arguments_are_clear(spec, needle):
+    with pytest.raises(ModelError, match=needle):
+        ClipModel(spec, device="cpu")
+
+
+def test_checkpoint_of_another_architecture_is_a_model_error(tiny_checkpoint):
+    with pytest.raises(ModelError, match="cannot load"):
+        ClipModel(ModelSpec("RN50", str(tiny_checkpoint)), device="cpu")
+
+
+def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_offline_without_cached_weights_says_how_to_pass_a_checkpoint(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    photos = tmp_path / "p"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(photos / "a.png")
+    proc = subprocess.run([sys.executable, "-m", "clipsearch", "index", str(photos), "--index", str(tmp_path / "i")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == ModelError.exit_code
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--pretrained" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_tag_found_in_hugging_face_cache_offline(tmp_path, vitb32_random):
+    """A checkpoint in the HF cache layout open_clip looks up for ViT-B-32/laion2b_s34b_b79k loads with HF_HUB_OFFLINE=1."""
+    from safetensors.torch import save_file
+
+    net, _ = vitb32_random
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, snapshot / "open_clip_model.safetensors")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    code = ("import json; from clipsearch.model import ClipModel, ModelSpec; m = ClipModel(ModelSpec(), device='cpu'); "
+            "print(json.dumps({'v': m.encode_texts(['a dog'])[0].tolist(), 'id': m.identity}))")
+    proc = _run_python(code, env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    import open_clip
+
+    with torch.no_grad():
+        ref = net.encode_text(open_clip.get_tokenizer("ViT-B-32")(["a dog"]))[0].float()
+    ref = (ref / ref.norm()).numpy()
+    assert np.allclose(out["v"], ref, atol=1e-4)
+    assert json.loads(out["id"])["pretrained"] == "laion2b_s34b_b79k"
