@@ -1,0 +1,108 @@
+"""The Python API: the README example runs as written, typed hits, verify, locking, FAISS self-repair."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipsearch
+from clipsearch.home import index_home, resolve_index
+from clipsearch.index import FAISS_NAME
+from conftest import REPO, TINY_MODEL, shared
+
+
+def readme_example() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## As a library\s+```python\n(.*?)```", text, re.S)
+    assert block, "README has a python example under 'As a library'"
+    return block.group(1)
+
+
+def test_readme_library_example_runs(tmp_path, tiny_checkpoint):
+    """Run the example verbatim with HOME pointing at a folder holding ~/Photos (and the tiny model as default)."""
+    photos = tmp_path / "Photos"
+    photos.mkdir()
+    for source in sorted(shared("photos", "exif-samples").glob("*.jpg"))[:6]:
+        shutil.copy2(source, photos / source.name)
+    env = {**os.environ, "HOME": str(tmp_path), "CLIPSEARCH_MODEL": TINY_MODEL,
+           "CLIPSEARCH_PRETRAINED": str(tiny_checkpoint)}
+    proc = subprocess.run([sys.executable, "-c", readme_example()], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 added, 0 unreadable" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"6 images in {tmp_path / 'my-index'}")
+
+
+@pytest.fixture()
+def small_index(tmp_path, tiny_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted(shared("photos", "exif-samples").glob("*.jpg"))[:8]:
+        shutil.copy2(source, photos / source.name)
+    idx = clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint))
+    events: list[clipsearch.Progress] = []
+    idx.index([photos], workers=0, batch_size=3, progress=events.append)
+    yield idx, photos, events
+    idx.close()
+
+
+def test_typed_hits_and_progress(small_index):
+    idx, photos, events = small_index
+    hits = idx.search("a dog", k=3)
+    assert all(isinstance(h, clipsearch.Hit) for h in hits)
+    assert hits[0].path.startswith(str(photos)) and hits[0].width and hits[0].size and -1 <= hits[0].score <= 1
+    embed = [e for e in events if e.phase == "embed"]
+    assert embed[-1].done == embed[-1].total == 8 and len(embed) >= 3  # one report per committed batch
+    by_id = idx.similar(hits[0].id, k=3)
+    assert hits[0].id not in [h.id for h in by_id]
+
+
+def test_missing_stale_or_damaged_faiss_is_rebuilt_from_sqlite(small_index):
+    idx, _, _ = small_index
+    expected = [h.id for h in idx.search("a dog", k=8)]
+    faiss_file = idx.path / FAISS_NAME
+    for damage in (lambda: faiss_file.unlink(), lambda: faiss_file.write_bytes(faiss_file.read_bytes()[:100])):
+        damage()
+        again = clipsearch.open(idx.path)
+        assert [h.id for h in again.search("a dog", k=8)] == expected
+        assert any("rebuilt" in n for n in again.notices)
+        assert again.verify().ok
+        again.close()
+
+
+def test_verify_catches_faiss_that_disagrees_with_sqlite(small_index):
+    idx, _, _ = small_index
+    vectors = idx.vectors()
+    victim = int(vectors.ids()[0])
+    vectors.remove(np.array([victim]))
+    vectors.add(np.array([victim]), -vectors.reconstruct(int(vectors.ids()[0]))[None])
+    vectors.save(idx.faiss_path)  # same generation, wrong content
+    fresh = clipsearch.open(idx.path)
+    report = fresh.verify()
+    assert not report.ok and "differ" in report.problems[0]
+    fresh.close()
+
+
+def test_second_writer_gets_index_busy(small_index):
+    idx, photos, _ = small_index
+    with idx._write_lock():
+        other = clipsearch.open(idx.path)
+        with pytest.raises(clipsearch.IndexBusy):
+            other.index([photos], workers=0)
+        assert len(other.search("a dog", k=3)) == 3  # readers are not blocked
+        other.close()
+
+
+def test_index_home_and_bare_names(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / "home"))
+    assert index_home() == tmp_path / "home" / "indexes"
+    assert resolve_index(None) == tmp_path / "home" / "indexes" / "default"
+    assert resolve_index("trip") == tmp_path / "home" / "indexes" / "trip"
+    assert resolve_index("./trip") == Path.cwd() / "trip"
+    assert resolve_index(tmp_path / "x") == tmp_path / "x"
