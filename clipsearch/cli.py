@@ -73,7 +73,8 @@ def _progress_bar() -> tuple[Callable[[Progress], None], Callable[[], None]]:
             bar.refresh()
         elif event.phase == "embed":
             if "embed" not in bars:
-                bars.pop("scan").close() if "scan" in bars else None
+                if "scan" in bars:
+                    bars.pop("scan").close()
                 bars["embed"] = tqdm(desc="embedding", total=event.total, unit=" img", file=sys.stderr,
                                      disable=None, smoothing=0.1)
             bar = bars["embed"]

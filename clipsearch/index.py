@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInput, IndexBusy, IndexMissing, ModelMismatch
+from .errors import BadInput, IndexBusy, IndexMissing, ModelMismatch, NotAnIndex
 from .home import resolve_index
 from .indexer import Indexer, IndexReport, ProgressCallback, normalise_roots
 from .model import DEFAULT_PRETRAINED, ClipModel, ModelSpec, pretrained_id, register_project_configs
@@ -41,11 +41,11 @@ class Index:
     def __init__(self, path: str | os.PathLike | None = None, *, model: str | None = None,
                  pretrained: str | None = None, device: str | None = None, create: bool = True) -> None:
         self.path = resolve_index(path)
-        if not create and not (self.path / DB_NAME).exists():
-            if self.path.exists() and any(self.path.iterdir()):
-                pass  # let Store say precisely what is wrong with it
-            else:
-                raise IndexMissing(f"no index at {self.path}: build one with `clipsearch index FOLDER`")
+        if self.path.exists() and not self.path.is_dir():
+            raise NotAnIndex(f"{self.path} is a file, not an index directory")
+        nothing_there = not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+        if not create and nothing_there:
+            raise IndexMissing(f"no index at {self.path}: build one with `clipsearch index FOLDER`")
         self.store = Store(self.path, create=create)
         self.device = device
         self.notices: list[str] = []
@@ -121,7 +121,8 @@ class Index:
         except VectorFileError as exc:
             reason = str(exc)
         self._vectors = VectorIndex.from_source(dim, self.store)
-        self.notices.append(f"FAISS index rebuilt from SQLite ({reason})")
+        if self._vectors.ntotal or self.faiss_path.exists():  # a new, empty index has nothing to repair
+            self.notices.append(f"FAISS index rebuilt from SQLite ({reason})")
         self._save_vectors_if_idle()
         return self._vectors
 

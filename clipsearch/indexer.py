@@ -193,7 +193,7 @@ class Indexer:
     # embedding ----------------------------------------------------------------------------------------------------
     def _decoded(self, work: list[_Work], spec: PreprocessSpec) -> Iterator[tuple[_Work, Decoded | None, str | None]]:
         """Decoded files in order, from worker processes with a bounded read-ahead (memory stays flat)."""
-        if self.workers == 0:
+        if self.workers == 0 or len(work) <= 2 * CHUNK:  # starting processes would cost more than it saves
             for item in work:
                 _path, decoded, error = media.decode(item.path, spec)
                 yield item, decoded, error
