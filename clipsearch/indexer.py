@@ -122,6 +122,8 @@ class Indexer:
                 scanned += 1
                 if scanned % 500 == 0:
                     self.progress(Progress("scan", scanned))
+            if not found and not known:
+                self._warn(f"no images found under {root}")
             if not found and known:
                 self._warn(f"{root} holds no images now but the index has {len(known)} from it "
                            f"(drive not mounted?): nothing was deleted")

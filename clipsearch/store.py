@@ -236,6 +236,17 @@ class Store:
         row = self.db.execute("SELECT vector FROM vectors WHERE image_id = ?", [image_id]).fetchone()
         return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
 
+    def vectors_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(generation, ids, matrix) read in one transaction, so a concurrent writer cannot slip a batch in between."""
+        in_transaction = self.db.conn.in_transaction
+        if not in_transaction:
+            self.db.execute("BEGIN")
+        try:
+            return (self.generation, *self.all_vectors())
+        finally:
+            if not in_transaction:
+                self.db.execute("COMMIT")
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, matrix float32 N x dim) of every stored vector, in id order: what FAISS is rebuilt from."""
         dim = self.dim or 0

@@ -27,9 +27,7 @@ class VectorFileError(Exception):
 class VectorSource(Protocol):
     """What a rebuild needs from the store (kept abstract: this room knows no SQL)."""
 
-    generation: int
-
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def vectors_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -56,8 +54,7 @@ class VectorIndex:
 
     @classmethod
     def from_source(cls, dim: int, source: VectorSource) -> "VectorIndex":
-        generation = source.generation
-        ids, vectors = source.all_vectors()
+        generation, ids, vectors = source.vectors_snapshot()
         return cls.build(dim, ids, vectors, generation)
 
     @property
