@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -203,7 +204,7 @@ class Indexer:
         chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
         window = max(2, (2 * self.batch_size) // CHUNK + self.workers)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_ignore_sigint) as pool:
             pending: deque[tuple[list[_Work], Future]] = deque()
             next_chunk = 0
             try:
@@ -315,6 +316,11 @@ class Indexer:
 
 def _readable(path: str) -> bool:
     return os.access(path, os.R_OK)
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C is the parent's to handle (it commits nothing half-done); workers just stop when it shuts the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _decode_many(paths: list[str], spec: PreprocessSpec) -> list[tuple[str, Decoded | None, str | None]]:
