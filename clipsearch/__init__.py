@@ -5,15 +5,41 @@
         idx.add_folder("~/Photos")
         for hit in idx.search("a red bicycle", k=10):
             print(hit.score, hit.path)
+
+Names are imported on first use (PEP 562), so `import clipsearch.media` in a decode worker stays light.
 """
-from .errors import (BadInput, ClipsearchError, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex,
-                     VerifyFailed)
-from .index import Index, VerifyReport, open
-from .indexer import IndexReport, Progress
-from .query import Hit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "open", "Index", "Hit", "IndexReport", "Progress", "VerifyReport", "ClipsearchError", "BadInput", "ModelError",
-    "ModelMismatch", "NotAnIndex", "IndexBusy", "IndexMissing", "VerifyFailed", "__version__",
-]
+
+_EXPORTS = {
+    "open": "index", "Index": "index", "VerifyReport": "index",
+    "IndexReport": "indexer", "Progress": "indexer",
+    "Hit": "query",
+    "ClipsearchError": "errors", "BadInput": "errors", "ModelError": "errors", "ModelMismatch": "errors",
+    "NotAnIndex": "errors", "IndexBusy": "errors", "IndexMissing": "errors", "VerifyFailed": "errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .errors import (BadInput, ClipsearchError, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex,
+                         VerifyFailed)
+    from .index import Index, VerifyReport, open
+    from .indexer import IndexReport, Progress
+    from .query import Hit
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipsearch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -116,13 +116,16 @@ class Indexer:
                 continue
             known = self.store.states_under(root)
             found: dict[str, os.stat_result] = {}
-            for path in media.iter_images(root, on_error=lambda p, why: self._warn(f"cannot read folder {p}: {why}")):
-                st = _stat(path)
-                if st is not None:
-                    found[path] = st
-                scanned += 1
-                if scanned % 500 == 0:
-                    self.progress(Progress("scan", scanned))
+            try:
+                for path in media.iter_images(root, on_error=lambda p, why: self._warn(f"cannot read folder {p}: {why}")):
+                    st = _stat(path)
+                    if st is not None:
+                        found[path] = st
+                    scanned += 1
+                    if scanned % 500 == 0:
+                        self.progress(Progress("scan", scanned))
+            except FileNotFoundError:
+                found = {}  # unplugged mid-scan: treated below like an emptied root, so nothing is deleted
             if not found and not known:
                 self._warn(f"no images found under {root}")
             if not found and known:
@@ -211,7 +214,7 @@ class Indexer:
                 while pending or next_chunk < len(chunks):
                     while next_chunk < len(chunks) and len(pending) < window:
                         chunk = chunks[next_chunk]
-                        pending.append((chunk, pool.submit(_decode_many, [w.path for w in chunk], spec)))
+                        pending.append((chunk, pool.submit(media.decode_many, [w.path for w in chunk], spec)))
                         next_chunk += 1
                     chunk, future = pending.popleft()
                     for item, (_path, decoded, error) in zip(chunk, future.result()):
@@ -321,10 +324,6 @@ def _readable(path: str) -> bool:
 def _ignore_sigint() -> None:
     """Ctrl-C is the parent's to handle (it commits nothing half-done); workers just stop when it shuts the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _decode_many(paths: list[str], spec: PreprocessSpec) -> list[tuple[str, Decoded | None, str | None]]:
-    return [media.decode(path, spec) for path in paths]
 
 
 def default_workers() -> int:
