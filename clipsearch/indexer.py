@@ -164,6 +164,9 @@ class Indexer:
     # moves and copies ---------------------------------------------------------------------------------------------
     def _reuse(self, plan: _Plan) -> None:
         """New files whose content is already embedded take that vector instead of going through the model."""
+        if not self.store.has_vectors():  # a first run cannot reuse anything: skip reading every file's samples
+            plan.work += [_Work(path, root, st.st_size, st.st_mtime_ns, "") for path, root, st in plan.new_files]
+            return
         prints = {path: media.fingerprint(path) for path, _root, _st in plan.new_files if _readable(path)}
         candidates = self.store.rows_with_fingerprints(prints.values())
         gone_ids = set(plan.gone.values())
@@ -244,8 +247,10 @@ class Indexer:
             self.progress(Progress("embed", done, total))
 
     def _commit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]], plan: _Plan) -> int:
-        vectors = self.model.encode_images(media.to_model_input(np.stack([d.pixels for _w, d in batch]), self.model.preprocess)) \
-            if batch else np.empty((0, self.model.dim), np.float32)
+        vectors = np.empty((0, self.model.dim), np.float32)
+        if batch:
+            pixels = np.stack([decoded.pixels for _item, decoded in batch])
+            vectors = self.model.encode_images(media.to_model_input(pixels, self.model.preprocess))
         replaced: list[int] = []
         with self.store.transaction():
             for (item, decoded), vector in zip(batch, vectors):

@@ -232,6 +232,9 @@ class Store:
         return {"images": ok, "errors": errors, "vectors": vectors}
 
     # vectors ------------------------------------------------------------------------------------------------------
+    def has_vectors(self) -> bool:
+        return self.db.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is not None
+
     def vector(self, image_id: int) -> np.ndarray | None:
         row = self.db.execute("SELECT vector FROM vectors WHERE image_id = ?", [image_id]).fetchone()
         return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
