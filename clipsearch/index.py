@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInput, IndexBusy, IndexMissing, ModelMismatch, NotAnIndex
+from .errors import BadInput, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex
 from .home import resolve_index
 from .indexer import Indexer, IndexReport, ProgressCallback, normalise_roots
 from .model import DEFAULT_PRETRAINED, ClipModel, ModelSpec, pretrained_id, register_project_configs
@@ -85,11 +85,20 @@ class Index:
     @property
     def model(self) -> ClipModel:
         if self._model is None:
-            loaded = ClipModel(self.model_spec, device=self.device)
+            spec = self.model_spec
+            stored_pretrained = self.store.get_meta("pretrained")
+            if spec.pretrained == stored_pretrained and os.path.isabs(spec.pretrained) and \
+                    not os.path.exists(spec.pretrained):
+                raise ModelError(f"this index's checkpoint {spec.pretrained} is gone; if it moved, run "
+                                 f"`clipsearch index --index {self.path} --pretrained NEW_LOCATION` once")
+            loaded = ClipModel(spec, device=self.device)
             stored_identity = self.store.get_meta("identity")
             if stored_identity and stored_identity != loaded.identity:
                 raise ModelMismatch(f"{self.path} was built with a different model or preprocessing than "
                                     f"{loaded.spec.name} / {loaded.spec.pretrained} provides")
+            if stored_identity and loaded.spec.pretrained != stored_pretrained:  # same weights, new location
+                with self.store.transaction():
+                    self.store.set_meta({"pretrained": loaded.spec.pretrained})
             self._model = loaded
         return self._model
 

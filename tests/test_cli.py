@@ -225,3 +225,19 @@ def test_python_dash_m_and_console_script(photo_index):
     assert script, "the clipsearch console script is installed"
     proc = subprocess.run([script, "search", "", "--index", str(idx)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == errors.BadInput.exit_code and "Traceback" not in proc.stderr
+
+
+def test_moved_checkpoint_is_found_again_by_content(tmp_path, tiny_checkpoint):
+    lib = tmp_path / "lib"
+    copy_photos(lib, 2)
+    first = tmp_path / "weights" / "tiny.pt"
+    first.parent.mkdir()
+    shutil.copy2(tiny_checkpoint, first)
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, "--model", TINY_MODEL, "--pretrained", first, "--workers", "0")
+    moved = tmp_path / "tiny-moved.pt"
+    first.rename(moved)
+    message = clip("search", "a dog", "--index", idx, code=errors.ModelError.exit_code).stderr
+    assert "--pretrained NEW_LOCATION" in message
+    assert clip("index", "--index", idx, "--pretrained", moved).stdout.startswith("0 embedded")
+    assert len(as_json("search", "a dog", "--index", idx)) == 2  # the new location is remembered
