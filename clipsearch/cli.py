@@ -67,8 +67,12 @@ def _progress_bar() -> tuple[Callable[[Progress], None], Callable[[], None]]:
     bars: dict[str, tqdm] = {}
 
     def update(event: Progress) -> None:
-        if event.phase == "scan":
-            bar = bars.setdefault("scan", tqdm(desc="scanning", unit=" files", file=sys.stderr, disable=None))
+        if event.phase == "model" and sys.stderr.isatty():
+            click.echo(f"loading {event.path} ...", err=True)
+        elif event.phase == "scan":
+            if "scan" not in bars:
+                bars["scan"] = tqdm(desc="scanning", unit=" files", file=sys.stderr, disable=None)
+            bar = bars["scan"]
             bar.n = event.done
             bar.refresh()
         elif event.phase == "embed":

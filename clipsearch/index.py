@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import BadInput, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex
 from .home import resolve_index
-from .indexer import Indexer, IndexReport, ProgressCallback, normalise_roots
+from .indexer import Indexer, IndexReport, Progress, ProgressCallback, normalise_roots
 from .model import DEFAULT_PRETRAINED, ClipModel, ModelSpec, pretrained_id, register_project_configs
 from .query import Hit, check_k, image_vector, search_vector, text_vector
 from .store import DB_NAME, Store
@@ -170,6 +170,9 @@ class Index:
             if not os.path.exists(root) and root not in known:
                 raise BadInput(f"path not found: {root}")
         with self._write_lock():
+            if progress and self._model is None:
+                spec = self.model_spec
+                progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
             if self.store.dim is None:
                 self._record_model()
             vectors = self.vectors()

@@ -29,7 +29,8 @@ CHUNK = 4  # paths per worker task: amortises inter-process overhead without sta
 
 @dataclass
 class Progress:
-    """One progress report. `phase` is 'scan', 'embed' or 'done'; counts are cumulative for the run."""
+    """One progress report. `phase` is 'model' (loading it; `path` names it), 'scan', 'embed' or 'done'; counts are
+    cumulative for the run."""
 
     phase: str
     done: int = 0
