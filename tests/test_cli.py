@@ -241,3 +241,52 @@ def test_moved_checkpoint_is_found_again_by_content(tmp_path, tiny_checkpoint):
     assert "--pretrained NEW_LOCATION" in message
     assert clip("index", "--index", idx, "--pretrained", moved).stdout.startswith("0 embedded")
     assert len(as_json("search", "a dog", "--index", idx)) == 2  # the new location is remembered
+
+
+def test_mixed_formats_hidden_folders_and_symlinks(tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    lib = tmp_path / "lib"
+    (lib / "nested" / "deeper").mkdir(parents=True)
+    (lib / ".hidden").mkdir()
+    (lib / "@eaDir").mkdir()
+    (lib / "folder.jpg").mkdir()                          # a directory named like an image
+    colours = iter(["red", "green", "blue", "yellow", "purple", "orange", "white", "black"])
+    Image.new("RGB", (64, 48), next(colours)).save(lib / "a.WEBP")
+    Image.new("RGB", (64, 48), next(colours)).save(lib / "nested" / "b.PNG")
+    Image.new("RGB", (64, 48), next(colours)).save(lib / "nested" / "deeper" / "c.bmp")
+    Image.new("RGB", (64, 48), next(colours)).save(lib / "d.tiff")
+    frames = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
+    frames[0].save(lib / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (64, 48), next(colours)).save(lib / ".hidden" / "secret.jpg")
+    Image.new("RGB", (64, 48), next(colours)).save(lib / "@eaDir" / "thumb.jpg")
+    (lib / "notes.txt").write_text("not an image")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (64, 48), next(colours)).save(outside / "linked.jpg")
+    (lib / "link-to-outside").symlink_to(outside)
+    (lib / "nested" / "loop").symlink_to(lib)              # a symlink loop must not hang or duplicate
+    expected = {lib / "a.WEBP", lib / "nested" / "b.PNG", lib / "nested" / "deeper" / "c.bmp", lib / "d.tiff",
+                lib / "anim.gif", lib / "link-to-outside" / "linked.jpg"}
+    try:
+        import pillow_heif
+
+        pillow_heif.from_pillow(Image.new("RGB", (64, 48), "pink")).save(lib / "e.HEIC")
+        expected.add(lib / "e.HEIC")
+    except Exception:  # an encoder-less libheif build still decodes; covered in test_media
+        pass
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, *tiny(tiny_checkpoint), "--workers", "1")
+    found = {Path(h["path"]) for h in as_json("search", "x", "--index", idx, "-k", "50")}
+    assert found == expected
+    assert {h["format"] for h in as_json("search", "x", "--index", idx, "-k", "50")} >= {"WEBP", "PNG", "BMP", "TIFF", "GIF"}
+
+
+def test_named_folder_every_format_decodes(tmp_path, tiny_checkpoint):
+    named = shared("named")
+    idx = tmp_path / "idx"
+    clip("index", named, "--index", idx, *tiny(tiny_checkpoint))
+    data = as_json("info", "--index", idx)
+    assert data["errors"] == 0 and data["images"] == 47   # the .jpg/.png/.gif/.webp/.bmp/.tiff files of named/
+    gif = next(p for p in sorted(named.rglob("*.gif")))
+    assert len(as_json("similar", gif, "--index", idx, "-k", "3")) == 3
