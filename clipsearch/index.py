@@ -20,7 +20,7 @@ from .home import resolve_index
 from .indexer import Indexer, IndexReport, Progress, ProgressCallback, normalise_roots
 from .model import DEFAULT_PRETRAINED, ClipModel, ModelSpec, pretrained_id, register_project_configs
 from .query import Hit, check_k, image_vector, search_vector, text_vector
-from .store import DB_NAME, Store
+from .store import Store
 from .vectors import VectorFileError, VectorIndex
 
 FAISS_NAME = "images.faiss"

@@ -81,13 +81,6 @@ class _Plan:
     changed: set[str] = field(default_factory=set)
 
 
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
 class Indexer:
     """Brings an index up to date with a set of root folders."""
 
@@ -119,7 +112,7 @@ class Indexer:
             found: dict[str, os.stat_result] = {}
             try:
                 for path in media.iter_images(root, on_error=lambda p, why: self._warn(f"cannot read folder {p}: {why}")):
-                    st = _stat(path)
+                    st = media.stat_or_none(path)
                     if st is not None:
                         found[path] = st
                     scanned += 1
@@ -260,8 +253,7 @@ class Indexer:
                        "fingerprint": fp, "width": decoded.width, "height": decoded.height, "taken": decoded.taken,
                        "format": decoded.format, "status": "ok", "error": None}
                 image_id = self.store.put_image(row, vector)
-                if item.path in plan.changed:
-                    replaced.append(image_id)
+                if item.path in plan.changed:  # its old vector leaves FAISS in _apply_to_faiss
                     self.report.updated += 1
                 else:
                     self.report.added += 1

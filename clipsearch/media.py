@@ -43,6 +43,7 @@ __all__ = [
     "load",
     "decode",
     "decode_many",
+    "stat_or_none",
 ]
 
 MAX_PIXELS = 200_000_000
@@ -612,3 +613,11 @@ def decode(path: str, spec: PreprocessSpec) -> tuple[str, Decoded | None, str | 
 def decode_many(paths: list[str], spec: PreprocessSpec) -> list[tuple[str, Decoded | None, str | None]]:
     """Worker entry point for a chunk of files: one round trip between processes for several images."""
     return [decode(path, spec) for path in paths]
+
+
+def stat_or_none(path: str | os.PathLike) -> os.stat_result | None:
+    """The file's stat, or None when it vanished or cannot be reached (callers treat both as "not there")."""
+    try:
+        return os.stat(path)
+    except OSError:
+        return None

@@ -70,7 +70,7 @@ def image_vector(store: Store, image: str | int, model_loader: Callable[[], Clip
         return vector, int(image)
     path = os.path.abspath(os.path.expanduser(os.fspath(image)))
     row = store.row_by_path(path)
-    st = _stat(path)
+    st = media.stat_or_none(path)
     if row is not None and row["status"] == "ok" and st is not None and \
             (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
         vector = store.vector(row["id"])
@@ -95,10 +95,3 @@ def search_vector(store: Store, vectors: VectorIndex, query: np.ndarray, k: int,
     result = vectors.search(query, k + (1 if exclude is not None else 0))
     keep = result.ids != (exclude if exclude is not None else -1)
     return to_hits(store, result.ids[keep][:k], result.scores[keep][:k])
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None

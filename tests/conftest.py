@@ -1,7 +1,6 @@
 """Shared fixtures: real data from ../shared/data and small random-init open_clip models saved as checkpoints."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
