@@ -52,6 +52,7 @@ class Index:
         self._requested = (model, pretrained)
         self._model: ClipModel | None = None
         self._vectors: VectorIndex | None = None
+        self._writing = False  # this process holds the write lock
         self._check_requested_model()
 
     # model --------------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class Index:
         model = self.model
         with self.store.transaction():
             self.store.set_meta({"model": model.spec.name, "pretrained": model.spec.pretrained,
-                                 "pretrained_id": pretrained_id(model.spec), "identity": model.identity,
+                                 "pretrained_id": model.pretrained_id, "identity": model.identity,
                                  "dim": str(model.dim)})
 
     # vectors ------------------------------------------------------------------------------------------------------
@@ -136,6 +137,8 @@ class Index:
         return self._vectors
 
     def _save_vectors_if_idle(self) -> None:
+        if self._writing:
+            return  # our own run saves the FAISS file when it ends
         try:
             with self._write_lock():
                 if self._vectors is not None and self._vectors.generation == self.store.generation:
@@ -153,19 +156,21 @@ class Index:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 raise IndexBusy(f"index {self.path} is busy: another clipsearch process is writing to it") from exc
+            self._writing = True
             try:
                 yield
             finally:
+                self._writing = False
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     # writing ------------------------------------------------------------------------------------------------------
     def index(self, paths: Sequence[str | os.PathLike] | None = None, *, batch_size: int = 32,
               workers: int | None = None, progress: ProgressCallback | None = None) -> IndexReport:
         """Bring the index up to date with `paths` (folders or files); with none, with every root indexed before."""
-        roots = normalise_roots(paths) if paths else [row["path"] for row in self.store.roots()]
+        known = [row["path"] for row in self.store.roots()]
+        roots = normalise_roots(paths) if paths else known
         if not roots:
             raise BadInput("nothing to index: give a folder")
-        known = {row["path"] for row in self.store.roots()}
         for root in roots:
             if not os.path.exists(root) and root not in known:
                 raise BadInput(f"path not found: {root}")

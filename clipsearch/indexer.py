@@ -71,6 +71,12 @@ class _Work:
     mtime_ns: int
     fingerprint: str
 
+    def row(self, status: str = "ok", error: str | None = None, **facts) -> dict:
+        """The images row for this file: what the scan knows plus what decoding (or a copied row) adds."""
+        facts = {"width": None, "height": None, "taken": None, "format": None, **facts}
+        return {"path": self.path, "root": self.root, "size": self.size, "mtime_ns": self.mtime_ns,
+                "fingerprint": self.fingerprint or None, "status": status, "error": error, **facts}
+
 
 @dataclass
 class _Plan:
@@ -177,18 +183,14 @@ class Indexer:
                     plan.gone.pop(source["path"], None)
                     self.report.moved += 1
                     continue
-                if rows:
-                    source = rows[0]
-                    vector = self.store.vector(source["id"])
-                    if vector is not None:
-                        keep = {k: source[k] for k in ("width", "height", "taken", "format")}
-                        image_id = self.store.put_image({"path": path, "root": root, "size": st.st_size,
-                                                         "mtime_ns": st.st_mtime_ns, "fingerprint": fp, "status": "ok",
-                                                         "error": None, **keep}, vector)
-                        self._added_vector_ids.append((image_id, vector))
-                        self.report.copied += 1
-                        continue
-                plan.work.append(_Work(path, root, st.st_size, st.st_mtime_ns, fp))
+                work = _Work(path, root, st.st_size, st.st_mtime_ns, fp)
+                vector = self.store.vector(rows[0]["id"]) if rows else None
+                if vector is not None:
+                    facts = {k: rows[0][k] for k in ("width", "height", "taken", "format")}
+                    self._added_vector_ids.append((self.store.put_image(work.row(**facts), vector), vector))
+                    self.report.copied += 1
+                    continue
+                plan.work.append(work)
             if self._added_vector_ids:
                 self.store.bump_generation()
         self._apply_to_faiss(removed=[])
@@ -248,21 +250,16 @@ class Indexer:
         replaced: list[int] = []
         with self.store.transaction():
             for (item, decoded), vector in zip(batch, vectors):
-                fp = item.fingerprint or media.fingerprint(item.path)
-                row = {"path": item.path, "root": item.root, "size": item.size, "mtime_ns": item.mtime_ns,
-                       "fingerprint": fp, "width": decoded.width, "height": decoded.height, "taken": decoded.taken,
-                       "format": decoded.format, "status": "ok", "error": None}
-                image_id = self.store.put_image(row, vector)
+                item.fingerprint = item.fingerprint or media.fingerprint(item.path)
+                image_id = self.store.put_image(item.row(width=decoded.width, height=decoded.height,
+                                                         taken=decoded.taken, format=decoded.format), vector)
                 if item.path in plan.changed:  # its old vector leaves FAISS in _apply_to_faiss
                     self.report.updated += 1
                 else:
                     self.report.added += 1
                 self._added_vector_ids.append((image_id, vector))
             for item, reason in failed:
-                row = {"path": item.path, "root": item.root, "size": item.size, "mtime_ns": item.mtime_ns,
-                       "fingerprint": item.fingerprint or None, "width": None, "height": None, "taken": None,
-                       "format": None, "status": "error", "error": reason}
-                image_id = self.store.put_image(row, None)
+                image_id = self.store.put_image(item.row("error", reason), None)
                 replaced.append(image_id)  # a changed file that now fails loses its old vector
                 self.report.errors += 1
             self.store.bump_generation()

@@ -144,12 +144,10 @@ class ClipModel:
         self._tokenizer = open_clip.get_tokenizer(spec.name)
         self.preprocess = PreprocessSpec.from_open_clip(net.visual.preprocess_cfg)
         self.dim = int(self.encode_texts(["a"]).shape[1])  # works for every tower type, costs one tiny forward
-
-    @property
-    def identity(self) -> str:
-        """Name + weights + preprocessing: two models with equal identities produce interchangeable vectors."""
-        return json.dumps(
-            {"model": self.spec.name, "pretrained": pretrained_id(self.spec), "preprocess": asdict(self.preprocess)},
+        self.pretrained_id = pretrained_id(spec)  # hashed once: the checkpoint does not change under a loaded model
+        # Name + weights + preprocessing: two models with equal identities produce interchangeable vectors.
+        self.identity = json.dumps(
+            {"model": spec.name, "pretrained": self.pretrained_id, "preprocess": asdict(self.preprocess)},
             sort_keys=True,
         )
 
