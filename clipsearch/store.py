@@ -49,7 +49,25 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Captions: text rows grouped in collections, unique by (collection, text, image), each remembering the file it
+    came from (a re-import replaces exactly that file's rows) and, optionally, the image it describes, by path, so the
+    link holds whichever is indexed first."""
+    db["captions"].create(
+        {"id": int, "collection": str, "source": str, "text": str, "image_path": str, "truncated": int,
+         "added": str},
+        pk="id",
+        not_null={"collection", "source", "text"},
+    )
+    db.execute("CREATE UNIQUE INDEX captions_identity ON captions (collection, text, coalesce(image_path, ''))")
+    db["captions"].create_index(["source"])
+    db["captions"].create_index(["image_path"])
+    db["caption_vectors"].create({"caption_id": int, "vector": bytes}, pk="caption_id",
+                                 foreign_keys=[("caption_id", "captions", "id")])
+    db["meta"].upsert({"key": "caption_generation", "value": "0"}, pk="key")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -105,7 +123,8 @@ class Store:
             db.execute(f"PRAGMA application_id={APP_ID}")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if version == 0:
-                db["meta"].insert_all([{"key": "generation", "value": "0"}, {"key": "created", "value": now()}])
+                db["meta"].upsert_all([{"key": "generation", "value": "0"}, {"key": "created", "value": now()}],
+                                      pk="key")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -212,7 +231,11 @@ class Store:
         return int(image_id)
 
     def move_image(self, image_id: int, path: str, root: str, size: int, mtime_ns: int) -> None:
+        """The row keeps its id and vector; captions linked to the old path follow the file."""
+        old = self.db.execute("SELECT path FROM images WHERE id = ?", [image_id]).fetchone()
         self.db["images"].update(image_id, {"path": path, "root": root, "size": size, "mtime_ns": mtime_ns})
+        if old and old[0] != path:
+            self.db.execute("UPDATE OR IGNORE captions SET image_path = ? WHERE image_path = ?", [path, old[0]])
 
     def delete_images(self, ids: Sequence[int]) -> None:
         for start in range(0, len(ids), 500):
@@ -241,25 +264,171 @@ class Store:
 
     def vectors_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
         """(generation, ids, matrix) read in one transaction, so a concurrent writer cannot slip a batch in between."""
+        return self._snapshot("generation", self.all_vectors)
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, matrix float32 N x dim) of every stored image vector, in id order: what FAISS is rebuilt from."""
+        return self._matrix("SELECT image_id, vector FROM vectors ORDER BY image_id", "SELECT count(*) FROM vectors")
+
+    def _snapshot(self, generation_key: str, read: Callable[[], tuple[np.ndarray, np.ndarray]]):
         in_transaction = self.db.conn.in_transaction
         if not in_transaction:
             self.db.execute("BEGIN")
         try:
-            return (self.generation, *self.all_vectors())
+            return (int(self.get_meta(generation_key, "0")), *read())
         finally:
             if not in_transaction:
                 self.db.execute("COMMIT")
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64, matrix float32 N x dim) of every stored vector, in id order: what FAISS is rebuilt from."""
+    def _matrix(self, select: str, count: str) -> tuple[np.ndarray, np.ndarray]:
         dim = self.dim or 0
-        count = self.db.execute("SELECT count(*) FROM vectors").fetchone()[0]
-        ids = np.empty(count, dtype=np.int64)
-        matrix = np.empty((count, dim), dtype=np.float32)
-        for n, (image_id, blob) in enumerate(self.db.execute("SELECT image_id, vector FROM vectors ORDER BY image_id")):
-            ids[n] = image_id
+        total = self.db.execute(count).fetchone()[0]
+        ids = np.empty(total, dtype=np.int64)
+        matrix = np.empty((total, dim), dtype=np.float32)
+        for n, (row_id, blob) in enumerate(self.db.execute(select)):
+            ids[n] = row_id
             matrix[n] = np.frombuffer(blob, dtype=np.float32)
         return ids, matrix
+
+    # filters ------------------------------------------------------------------------------------------------------
+    def image_ids_where(self, *, under: Sequence[str] = (), after: str | None = None, before: str | None = None,
+                        formats: Sequence[str] = ()) -> np.ndarray:
+        """Ids of indexed images passing every given filter (folders OR-ed): the allow-list FAISS searches within.
+
+        Dates compare as ISO text against the EXIF capture time, else the file's modification time (local time)."""
+        where, params = ["status = 'ok'"], []
+        if under:
+            alternatives = []
+            for folder in under:
+                prefix = folder.rstrip("/") + "/"
+                alternatives.append("(path = ? OR substr(path, 1, ?) = ?)")
+                params += [folder, len(prefix), prefix]
+            where.append("(" + " OR ".join(alternatives) + ")")
+        when = "coalesce(taken, strftime('%Y-%m-%dT%H:%M:%S', mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
+        if after:
+            where.append(f"{when} >= ?")
+            params.append(after)
+        if before:
+            where.append(f"{when} <= ?")
+            params.append(before)
+        if formats:
+            where.append(f"upper(format) IN ({','.join('?' * len(formats))})")
+            params += [f.upper() for f in formats]
+        rows = self.db.execute(f"SELECT id FROM images WHERE {' AND '.join(where)} ORDER BY id", params)
+        return np.fromiter((row[0] for row in rows), dtype=np.int64)
+
+    # captions -----------------------------------------------------------------------------------------------------
+    def caption_keys(self, collection: str) -> dict[tuple[str, str | None], tuple[int, str]]:
+        """(text, image_path) -> (id, source) of a collection's captions: what a re-import is compared against."""
+        rows = self.db.execute("SELECT id, text, image_path, source FROM captions WHERE collection = ?", [collection])
+        return {(text, image): (row_id, source) for row_id, text, image, source in rows}
+
+    def claim_captions(self, ids: Sequence[int], source: str) -> None:
+        """Captions another file brought that this file also holds now belong to this file (it moved or was merged)."""
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start:start + 500]]
+            self.db.execute(f"UPDATE captions SET source = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                            [source, *chunk])
+
+    def put_captions(self, collection: str, source: str, rows: Sequence[dict], vectors: np.ndarray,
+                     stale: Sequence[int]) -> None:
+        """Add `rows` (text, image_path, truncated) with their vectors and drop `stale` ids. Call inside a transaction."""
+        self.delete_captions(stale)
+        stamp = now()
+        for row, vector in zip(rows, vectors):
+            caption_id = self.db["captions"].insert({"collection": collection, "source": source, "added": stamp,
+                                                     **row}).last_pk
+            self.db["caption_vectors"].insert({"caption_id": caption_id, "vector": _blob(vector)})
+        if len(rows) or len(stale):
+            self.bump_caption_generation()
+
+    def delete_captions(self, ids: Sequence[int]) -> None:
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start:start + 500]]
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM caption_vectors WHERE caption_id IN ({marks})", chunk)
+            self.db.execute(f"DELETE FROM captions WHERE id IN ({marks})", chunk)
+
+    def caption_ids(self, collection: str | None = None, source: str | None = None) -> list[int]:
+        where, params = [], []
+        if collection is not None:
+            where.append("collection = ?")
+            params.append(collection)
+        if source is not None:
+            where.append("source = ?")
+            params.append(source)
+        sql = "SELECT id FROM captions" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        return [row[0] for row in self.db.execute(sql, params)]
+
+    def collections(self) -> list[dict]:
+        """One row per collection: name, caption count, linked count, sources, last added."""
+        rows = self.db.execute(
+            "SELECT c.collection, count(*), sum(i.id IS NOT NULL), group_concat(DISTINCT c.source), max(c.added) "
+            "FROM captions c LEFT JOIN images i ON i.path = c.image_path AND i.status = 'ok' "
+            "GROUP BY c.collection ORDER BY c.collection")
+        return [{"collection": name, "captions": count, "linked": linked or 0,
+                 "sources": sorted(sources.split(",")) if sources else [], "added": added}
+                for name, count, linked, sources, added in rows]
+
+    def caption_rows(self, ids: Sequence[int]) -> dict[int, dict]:
+        """Caption rows with `image` = the linked image's path when that image is indexed (else None)."""
+        result: dict[int, dict] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.query(
+                f"SELECT c.*, i.path AS image, i.id AS image_id FROM captions c LEFT JOIN images i "
+                f"ON i.path = c.image_path AND i.status = 'ok' WHERE c.id IN ({marks})", chunk
+            ):
+                result[row["id"]] = row
+        return result
+
+    def captions_of_source(self, collection: str, source: str) -> list[dict]:
+        return list(self.db["captions"].rows_where("collection = ? AND source = ?", [collection, source]))
+
+    def captions_of_image(self, path: str) -> list[dict]:
+        return list(self.db["captions"].rows_where("image_path = ?", [path], order_by="id"))
+
+    def caption_ids_where(self, collections: Sequence[str] = ()) -> np.ndarray | None:
+        if not collections:
+            return None
+        marks = ",".join("?" * len(collections))
+        rows = self.db.execute(f"SELECT id FROM captions WHERE collection IN ({marks}) ORDER BY id", list(collections))
+        return np.fromiter((row[0] for row in rows), dtype=np.int64)
+
+    def caption_sources(self, collection: str) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT DISTINCT source FROM captions WHERE collection = ?",
+                                                  [collection])]
+
+    def linked_caption_count(self, collection: str, source: str) -> int:
+        """Captions of this file whose image is indexed right now."""
+        return self.db.execute(
+            "SELECT count(*) FROM captions c JOIN images i ON i.path = c.image_path AND i.status = 'ok' "
+            "WHERE c.collection = ? AND c.source = ?", [collection, source]).fetchone()[0]
+
+    def ok_paths_under(self, roots: Sequence[str]) -> list[str]:
+        paths: list[str] = []
+        for root in roots:
+            paths += [path for path, state in self.states_under(root).items() if state.status == "ok"]
+        return sorted(set(paths))
+
+    def caption_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM captions").fetchone()[0]
+
+    @property
+    def caption_generation(self) -> int:
+        return int(self.get_meta("caption_generation", "0"))
+
+    def bump_caption_generation(self) -> None:
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'caption_generation'")
+
+    def caption_vectors_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
+        return self._snapshot("caption_generation", self.all_caption_vectors)
+
+    def all_caption_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._matrix("SELECT caption_id, vector FROM caption_vectors ORDER BY caption_id",
+                            "SELECT count(*) FROM caption_vectors")
 
     # runs ---------------------------------------------------------------------------------------------------------
     def start_run(self, roots: Sequence[str]) -> int:
