@@ -9,7 +9,8 @@ from typing import Callable
 import click
 
 from . import index as index_api
-from .errors import ClipsearchError, VerifyFailed
+from .captions import CaptionHit
+from .errors import BadInput, ClipsearchError, VerifyFailed
 from .indexer import Progress
 
 EXIT_INTERRUPTED = 130
@@ -75,13 +76,14 @@ def _progress_bar() -> tuple[Callable[[Progress], None], Callable[[], None]]:
             bar = bars["scan"]
             bar.n = event.done
             bar.refresh()
-        elif event.phase == "embed":
-            if "embed" not in bars:
+        elif event.phase in ("embed", "captions"):
+            if event.phase not in bars:
                 if "scan" in bars:
                     bars.pop("scan").close()
-                bars["embed"] = tqdm(desc="embedding", total=event.total, unit=" img", file=sys.stderr,
-                                     disable=None, smoothing=0.1)
-            bar = bars["embed"]
+                unit = " img" if event.phase == "embed" else " captions"
+                bars[event.phase] = tqdm(desc="embedding", total=event.total, unit=unit, file=sys.stderr,
+                                         disable=None, smoothing=0.1)
+            bar = bars[event.phase]
             bar.update(event.done - bar.n)
 
     def close() -> None:
@@ -114,7 +116,8 @@ def index_cmd(paths: tuple[str, ...], index_dir: str | None, model: str | None, 
         click.echo(f"clipsearch: warning: {warning}", err=True)
     click.echo(f"{report.embedded} embedded in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s): "
                f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.copied} copied, "
-               f"{report.removed} removed, {report.errors} errors, {report.unchanged} unchanged")
+               f"{report.removed} removed, {report.errors} errors, {report.unchanged} unchanged"
+               + (f"; {report.captions} sidecar captions" if report.captions else ""))
 
 
 def _print_hits(hits: list, as_json: bool) -> None:
@@ -124,18 +127,63 @@ def _print_hits(hits: list, as_json: bool) -> None:
     if not hits:
         click.echo("no results")
     for rank, hit in enumerate(hits, 1):
-        click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+        if isinstance(hit, CaptionHit):
+            linked = f"  ({hit.image})" if hit.image else ""
+            click.echo(f"{rank:>3}  {hit.score:.4f}  [{hit.collection}] {hit.text}{linked}")
+        else:
+            click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+
+
+def filter_options(command: Callable) -> Callable:
+    """The image filters, shared by search and similar; applied inside the vector search."""
+    options = [
+        click.option("--under", multiple=True, metavar="FOLDER", help="Only images under FOLDER (repeatable: any of them)."),
+        click.option("--after", default=None, metavar="DATE",
+                     help="Only images taken on or after DATE (YYYY, YYYY-MM, YYYY-MM-DD[THH:MM]); EXIF date, else file time."),
+        click.option("--before", default=None, metavar="DATE", help="Only images taken on or before DATE (inclusive)."),
+        click.option("--type", "types", multiple=True, metavar="EXT[,EXT]", help="Only these image types, e.g. jpg,png."),
+        click.option("--threshold", default=None, type=float, metavar="SCORE", help="Drop results scoring below SCORE."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @cli.command()
-@click.argument("text")
+@click.argument("query", nargs=-1)
+@click.option("--image", "images", multiple=True, metavar="FILE", help="Add an image to the query (repeatable).")
+@click.option("--not", "negatives", multiple=True, metavar="PART",
+              help="Push results away from a text or image (repeatable; same as '- PART' in the query).")
+@click.option("--captions", "captions", is_flag=True, help="Return the nearest captions instead of images.")
+@click.option("--collection", "collections", multiple=True, metavar="NAME",
+              help="With --captions: only captions from this collection (repeatable).")
 @index_option
 @k_option
+@filter_options
 @json_option
-def search(text: str, index_dir: str | None, k: int, as_json: bool) -> None:
-    """Images nearest to TEXT, best first, with cosine scores."""
+def search(query: tuple[str, ...], images: tuple[str, ...], negatives: tuple[str, ...], captions: bool,
+           collections: tuple[str, ...], index_dir: str | None, k: int, under: tuple[str, ...], after: str | None,
+           before: str | None, types: tuple[str, ...], threshold: float | None, as_json: bool) -> None:
+    """Images (or with --captions, captions) nearest to QUERY, best first, with cosine scores.
+
+    \b
+    QUERY is a text, or parts joined by a lone + or -, each optionally weighted:
+      clipsearch search kids on a beach at sunset
+      clipsearch search '2*dog + beach.jpg - "cat"'
+      clipsearch search --image beach.jpg --captions
+    An unquoted part ending in .jpg/.png/... is an image file, #ID an indexed image; quote text to keep it text."""
+    expression = " ".join(query)
     with index_api.open(index_dir, create=False) as idx:
-        hits = idx.search(text, k=k)
+        if captions:
+            if under or after or before or types:
+                raise BadInput("--under, --after, --before and --type filter images; they do not apply to --captions")
+            hits = idx.search_captions(expression, k, image=list(images), not_=list(negatives),
+                                       collection=list(collections), threshold=threshold)
+        else:
+            if collections:
+                raise BadInput("--collection selects captions: use it with --captions")
+            hits = idx.search(expression, k, image=list(images), not_=list(negatives), under=list(under),
+                              after=after, before=before, types=list(types), threshold=threshold)
         _notices(idx)
     _print_hits(hits, as_json)
 
@@ -144,13 +192,87 @@ def search(text: str, index_dir: str | None, k: int, as_json: bool) -> None:
 @click.argument("image", type=click.Path(path_type=str))
 @index_option
 @k_option
+@filter_options
 @json_option
-def similar(image: str, index_dir: str | None, k: int, as_json: bool) -> None:
-    """Images nearest to IMAGE (any image file; an indexed one needs no model)."""
+def similar(image: str, index_dir: str | None, k: int, under: tuple[str, ...], after: str | None,
+            before: str | None, types: tuple[str, ...], threshold: float | None, as_json: bool) -> None:
+    """Images nearest to IMAGE (any image file; an indexed one needs no model), IMAGE itself left out."""
     with index_api.open(index_dir, create=False) as idx:
-        hits = idx.similar(image, k=k)
+        hits = idx.similar(image, k, under=list(under), after=after, before=before, types=list(types),
+                           threshold=threshold)
         _notices(idx)
     _print_hits(hits, as_json)
+
+
+@cli.group()
+def captions() -> None:
+    """Caption collections: import, list, remove."""
+
+
+@captions.command("add")
+@click.argument("file", type=click.Path(path_type=str))
+@index_option
+@click.option("--collection", default=None, metavar="NAME", help="Collection name (default: the file's name).")
+@click.option("--column", default=None, metavar="COL", help=".csv/.tsv: the column holding the captions.")
+@click.option("--field", "field_name", default=None, metavar="KEY", help=".jsonl/.json: the field holding the captions.")
+@click.option("--model", default=None, help="open_clip model for a new index (default ViT-B-32).")
+@click.option("--pretrained", default=None, metavar="TAG_OR_FILE", help="Weights for a new index.")
+@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@json_option
+def captions_add(file: str, index_dir: str | None, collection: str | None, column: str | None,
+                 field_name: str | None, model: str | None, pretrained: str | None, device: str | None,
+                 as_json: bool) -> None:
+    """Import captions from FILE: .txt (a caption per line), .csv/.tsv, .jsonl, or COCO caption JSON.
+
+    Rows naming an image (jsonl 'image', COCO file_name, a CSV image column) are linked to it. Importing the same file
+    again changes nothing; a changed file replaces what it brought before."""
+    update, close = _progress_bar()
+    with index_api.open(index_dir, model=model, pretrained=pretrained, device=device) as idx:
+        try:
+            report = idx.add_captions(file, collection=collection, column=column, field=field_name, progress=update)
+        finally:
+            close()
+        _notices(idx)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False))
+        return
+    for problem in report.problems[:20]:
+        click.echo(f"clipsearch: skipped {problem}", err=True)
+    if len(report.problems) > 20:
+        click.echo(f"clipsearch: ... and {len(report.problems) - 20} more rows skipped", err=True)
+    if report.truncated:
+        click.echo(f"clipsearch: warning: {report.truncated} captions are longer than the model's context and were "
+                   f"truncated for embedding (stored in full)", err=True)
+    click.echo(f"{report.collection}: {report.added} added, {report.unchanged} unchanged, {report.removed} removed, "
+               f"{report.duplicates} duplicates, {len(report.problems)} skipped; {report.linked} linked to indexed "
+               f"images ({report.seconds:.1f} s)")
+
+
+@captions.command("list")
+@index_option
+@json_option
+def captions_list(index_dir: str | None, as_json: bool) -> None:
+    """Caption collections with their sizes and how many captions are linked to indexed images."""
+    with index_api.open(index_dir, create=False) as idx:
+        rows = idx.collections()
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("no caption collections")
+    for row in rows:
+        click.echo(f"{row['collection']}: {row['captions']} captions, {row['linked']} linked  "
+                   f"({', '.join(row['sources'])})")
+
+
+@captions.command("remove")
+@index_option
+@click.option("--collection", required=True, metavar="NAME", help="The collection to delete.")
+def captions_remove(index_dir: str | None, collection: str) -> None:
+    """Delete a caption collection (the caption files are not touched)."""
+    with index_api.open(index_dir, create=False) as idx:
+        removed = idx.remove_captions(collection)
+    click.echo(f"{collection}: {removed} captions removed")
 
 
 @cli.command()
@@ -166,6 +288,8 @@ def info(index_dir: str | None, as_json: bool) -> None:
     click.echo(f"index       {data['index']}")
     click.echo(f"model       {data['model']} / {data['pretrained']} ({data['dim']}-d)")
     click.echo(f"images      {data['images']}  (errors: {data['errors']})")
+    click.echo(f"captions    {data['captions']}" + "".join(
+        f"\n  {c['collection']}: {c['captions']} ({c['linked']} linked)" for c in data["collections"]))
     click.echo(f"size        {data['size_bytes'] / 1e6:.1f} MB")
     for root in data["roots"]:
         click.echo(f"folder      {root['path']}  [{root['status']}, scanned {root['last_scan']}]")

@@ -11,19 +11,25 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import captions as caption_room
+from .caption_files import read_captions
+from .captions import CaptionHit, CaptionReport
 from .errors import BadInput, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex
 from .home import resolve_index
 from .indexer import Indexer, IndexReport, Progress, ProgressCallback, normalise_roots
 from .model import DEFAULT_PRETRAINED, ClipModel, ModelSpec, pretrained_id, register_project_configs
-from .query import Hit, check_k, image_vector, search_vector, text_vector
+from .query import Filters, Hit, check_k, check_threshold, query_vector, search_captions, search_images
+from .query_syntax import Query
 from .store import Store
 from .vectors import VectorFileError, VectorIndex
 
 FAISS_NAME = "images.faiss"
+CAPTIONS_FAISS_NAME = "captions.faiss"
 LOCK_NAME = "write.lock"
 
 
@@ -52,6 +58,7 @@ class Index:
         self._requested = (model, pretrained)
         self._model: ClipModel | None = None
         self._vectors: VectorIndex | None = None
+        self._caption_vectors: VectorIndex | None = None
         self._writing = False  # this process holds the write lock
         self._check_requested_model()
 
@@ -115,34 +122,52 @@ class Index:
     def faiss_path(self) -> Path:
         return self.path / FAISS_NAME
 
+    @property
+    def captions_faiss_path(self) -> Path:
+        return self.path / CAPTIONS_FAISS_NAME
+
     def vectors(self) -> VectorIndex:
-        """The FAISS index, current with the store; rebuilt from SQLite (and saved when nobody writes) if it is not."""
-        if self._vectors is not None and self._vectors.generation == self.store.generation:
-            return self._vectors
-        dim = self.store.dim
-        if dim is None:
+        """The images' FAISS index, current with the store; rebuilt from SQLite (and saved when nobody writes) if not."""
+        if self.store.dim is None:
             raise IndexMissing(f"{self.path} holds no images yet: add some with `clipsearch index FOLDER`")
+        self._vectors = self._current(self._vectors, self.faiss_path, "generation", self.store.vectors_snapshot,
+                                      "FAISS index")
+        return self._vectors
+
+    def caption_vectors(self) -> VectorIndex:
+        """The captions' FAISS index, kept like the images' one."""
+        if self.store.dim is None or not self.store.caption_count():
+            raise IndexMissing(f"{self.path} holds no captions yet: add some with `clipsearch captions add FILE`")
+        self._caption_vectors = self._current(self._caption_vectors, self.captions_faiss_path, "caption_generation",
+                                              self.store.caption_vectors_snapshot, "caption FAISS index")
+        return self._caption_vectors
+
+    def _current(self, held: VectorIndex | None, path: Path, generation_key: str, snapshot, what: str) -> VectorIndex:
+        """`held` if current, else the saved file if current, else a rebuild from one SQLite snapshot."""
+        generation = int(self.store.get_meta(generation_key, "0"))
+        if held is not None and held.generation == generation:
+            return held
+        dim = self.store.dim
         try:
-            loaded = VectorIndex.load(self.faiss_path)
-            if loaded.generation == self.store.generation and loaded.dim == dim:
-                self._vectors = loaded
+            loaded = VectorIndex.load(path)
+            if loaded.generation == generation and loaded.dim == dim:
                 return loaded
             reason = "out of date"
         except VectorFileError as exc:
             reason = str(exc)
-        self._vectors = VectorIndex.from_source(dim, self.store)
-        if self._vectors.ntotal or self.faiss_path.exists():  # a new, empty index has nothing to repair
-            self.notices.append(f"FAISS index rebuilt from SQLite ({reason})")
-        self._save_vectors_if_idle()
-        return self._vectors
+        rebuilt = VectorIndex.from_source(dim, SimpleNamespace(vectors_snapshot=snapshot))
+        if rebuilt.ntotal or path.exists():  # a new, empty index has nothing to repair
+            self.notices.append(f"{what} rebuilt from SQLite ({reason})")
+        self._save_if_idle(rebuilt, path, generation_key)
+        return rebuilt
 
-    def _save_vectors_if_idle(self) -> None:
+    def _save_if_idle(self, vectors: VectorIndex, path: Path, generation_key: str) -> None:
         if self._writing:
             return  # our own run saves the FAISS file when it ends
         try:
             with self._write_lock():
-                if self._vectors is not None and self._vectors.generation == self.store.generation:
-                    self._vectors.save(self.faiss_path)
+                if vectors.generation == int(self.store.get_meta(generation_key, "0")):
+                    vectors.save(path)
         except IndexBusy:
             pass  # a writer is running and will save its own, newer state
         except OSError:
@@ -184,26 +209,122 @@ class Index:
             report = Indexer(self.store, vectors, self.model, batch_size=batch_size, workers=workers,
                              progress=progress).run(roots)
             vectors.save(self.faiss_path)
+            sidecars = caption_room.sync_sidecars(self.store, lambda: self.model, self.store.ok_paths_under(roots))
+            if sidecars.added or sidecars.removed:
+                self._save_caption_vectors()
+        report.captions = sidecars.added
+        report.warnings += [f"sidecar {problem}" for problem in sidecars.problems]
+        if sidecars.truncated:
+            report.warnings.append(f"{sidecars.truncated} sidecar captions are longer than the model's context and "
+                                   f"were truncated for embedding (stored in full)")
         return report
+
+    def _save_caption_vectors(self) -> None:
+        """Called by a writer holding the lock after changing captions: rebuild captions.faiss from SQLite (no notice:
+        nothing was wrong, the writer just changed it)."""
+        if self.store.caption_count():
+            self._caption_vectors = VectorIndex.from_source(
+                self.store.dim, SimpleNamespace(vectors_snapshot=self.store.caption_vectors_snapshot))
+            self._caption_vectors.save(self.captions_faiss_path)
+        else:
+            self.captions_faiss_path.unlink(missing_ok=True)
+            self._caption_vectors = None
+
+    def add_captions(self, file: str | os.PathLike, *, collection: str | None = None, column: str | None = None,
+                     field: str | None = None, progress: ProgressCallback | None = None) -> CaptionReport:
+        """Import a caption file into a collection (default: the file's name); importing it again changes nothing."""
+        parsed = read_captions(file, column=column, field=field)
+        source = os.path.abspath(os.path.expanduser(os.fspath(file)))
+        name = caption_room.check_collection(collection) if collection is not None else \
+            caption_room.default_collection(Path(source))
+        if not parsed.rows:
+            raise BadInput(f"no usable captions in {file}" +
+                           (f" ({len(parsed.problems)} rows skipped, first: {parsed.problems[0]})"
+                            if parsed.problems else ""))
+        with self._write_lock():
+            if progress and self._model is None:
+                spec = self.model_spec
+                progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
+            if self.store.dim is None:
+                self._record_model()
+            report = caption_room.import_captions(self.store, lambda: self.model, parsed, name, source, progress)
+            self._save_caption_vectors()
+        return report
+
+    def collections(self) -> list[dict]:
+        """Caption collections: name, number of captions, how many are linked to an indexed image, source files."""
+        return self.store.collections()
+
+    def remove_captions(self, collection: str) -> int:
+        """Delete a whole caption collection; returns how many captions went."""
+        ids = self.store.caption_ids(collection)
+        if not ids:
+            known = ", ".join(c["collection"] for c in self.store.collections()) or "none"
+            raise BadInput(f"no caption collection named {collection!r} (collections: {known})")
+        with self._write_lock():
+            with self.store.transaction():
+                self.store.delete_captions(ids)
+                self.store.bump_caption_generation()
+            self._save_caption_vectors()
+        return len(ids)
+
+    def captions_of(self, image: str | os.PathLike | int) -> list[dict]:
+        """The captions linked to an indexed image (by path or id)."""
+        if isinstance(image, int) and not isinstance(image, bool):
+            row = self.store.rows([image]).get(image)
+            if row is None:
+                raise BadInput(f"no indexed image has id {image}")
+            path = row["path"]
+        else:
+            path = os.path.abspath(os.path.expanduser(os.fspath(image)))
+        return [{"id": r["id"], "text": r["text"], "collection": r["collection"]} for r in self.store.captions_of_image(path)]
 
     def add_folder(self, folder: str | os.PathLike, **options) -> IndexReport:
         """Index one folder (incrementally); same options as `index`."""
         return self.index([folder], **options)
 
     # reading ------------------------------------------------------------------------------------------------------
-    def search(self, text: str, k: int = 10) -> list[Hit]:
-        """Images nearest to a text, best first."""
+    def search(self, query: str | Query = "", k: int = 10, *, image: str | int | Sequence[str | int] | None = None,
+               not_: str | Sequence[str] | None = None, under: str | Sequence[str] | None = None,
+               after: str | None = None, before: str | None = None, types: str | Sequence[str] | None = None,
+               threshold: float | None = None) -> list[Hit]:
+        """Images nearest to a query, best first: a text or the query language (`2*dog + beach.jpg - cat`), plus
+        `image` parts and `not_` parts; filtered to folders (`under`), a date range (`after`/`before`, inclusive;
+        EXIF date taken, else file time) and `types` ('jpg,png') inside the vector search; `threshold` drops hits
+        scoring below it. Images named in the query are left out of the results."""
         check_k(k)
+        threshold = check_threshold(threshold)
+        filters = Filters.build(under, after, before, types)
+        parsed = _query(query, image, not_)
         vectors = self.vectors()
-        return search_vector(self.store, vectors, text_vector(text, lambda: self.model), k)
+        vector, own = query_vector(parsed, self.store, self.encode_texts, lambda: self.model)
+        return search_images(self.store, vectors, vector, k, filters=filters, threshold=threshold, exclude=own)
 
-    def similar(self, image: str | os.PathLike | int, k: int = 10) -> list[Hit]:
-        """Images nearest to an image (a file path, or the id of an indexed image), the image itself left out."""
+    def similar(self, image: str | os.PathLike | int, k: int = 10, **filters) -> list[Hit]:
+        """Images nearest to an image (a file path, or the id of an indexed image), the image itself left out.
+        Takes the filters of `search`."""
+        return self.search("", k, image=image if isinstance(image, int) else os.fspath(image), **filters)
+
+    def search_captions(self, query: str | Query = "", k: int = 10, *,
+                        image: str | int | Sequence[str | int] | None = None, not_: str | Sequence[str] | None = None,
+                        collection: str | Sequence[str] | None = None,
+                        threshold: float | None = None) -> list[CaptionHit]:
+        """Captions nearest to a query (same language and parts as `search`), optionally from some collections."""
         check_k(k)
-        vectors = self.vectors()
-        query, own_id = image_vector(self.store, image if isinstance(image, int) else os.fspath(image),
-                                     lambda: self.model)
-        return search_vector(self.store, vectors, query, k, exclude=own_id)
+        threshold = check_threshold(threshold)
+        parsed = _query(query, image, not_)
+        collections = [collection] if isinstance(collection, str) else list(collection or [])
+        known = {c["collection"] for c in self.store.collections()}
+        for name in collections:
+            if name not in known:
+                raise BadInput(f"no caption collection named {name!r} (collections: {', '.join(sorted(known)) or 'none'})")
+        vectors = self.caption_vectors()
+        vector, _ = query_vector(parsed, self.store, self.encode_texts, lambda: self.model)
+        return search_captions(self.store, vectors, vector, k, collections=collections, threshold=threshold)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> unit vectors with this index's model."""
+        return self.model.encode_texts(texts)
 
     def errors(self) -> list[dict]:
         """Files that could not be indexed, with the reason."""
@@ -222,6 +343,8 @@ class Index:
             "pretrained": meta.get("pretrained"),
             "dim": int(meta["dim"]) if meta.get("dim") else None,
             "generation": int(meta.get("generation", 0)),
+            "captions": self.store.caption_count(),
+            "collections": self.store.collections(),
             "size_bytes": size,
             "created": meta.get("created"),
             "roots": [{"path": r["path"], "status": r["last_status"], "last_scan": r["last_scan"]}
@@ -244,22 +367,32 @@ class Index:
             report.problems.append(f"{orphans} vectors belong to no indexed image")
         if missing:
             report.problems.append(f"{missing} indexed images have no vector")
+        unlinked = db.execute("SELECT count(*) FROM caption_vectors v LEFT JOIN captions c ON c.id = v.caption_id "
+                              "WHERE c.id IS NULL").fetchone()[0]
+        if unlinked:
+            report.problems.append(f"{unlinked} caption vectors belong to no caption")
         if self.store.dim is not None:
-            before = len(self.notices)
-            vectors = self.vectors()
-            report.notices += self.notices[before:]
-            ids, stored = self.store.all_vectors()
-            faiss_ids = vectors.ids()
-            report.checked = len(ids)
-            if len(faiss_ids) != len(ids) or not np.array_equal(np.sort(faiss_ids), ids):
-                report.problems.append(f"FAISS holds {len(faiss_ids)} ids, SQLite {len(ids)} vectors: the id sets differ")
-            elif len(ids):
-                rebuilt = np.stack([vectors.reconstruct(i) for i in ids])
-                worst = float(np.abs(rebuilt - stored).max())
-                if worst > 1e-5:
-                    report.problems.append(f"FAISS vectors differ from SQLite (max abs difference {worst:.3g})")
+            self._compare(report, "images", self.vectors, self.store.all_vectors)
+        if self.store.dim is not None and self.store.caption_count():
+            self._compare(report, "captions", self.caption_vectors, self.store.all_caption_vectors)
         report.ok = not report.problems
         return report
+
+    def _compare(self, report: VerifyReport, what: str, derived, stored_vectors) -> None:
+        before = len(self.notices)
+        vectors = derived()
+        report.notices += self.notices[before:]
+        ids, stored = stored_vectors()
+        faiss_ids = vectors.ids()
+        report.checked += len(ids)
+        if len(faiss_ids) != len(ids) or not np.array_equal(np.sort(faiss_ids), ids):
+            report.problems.append(f"{what}: FAISS holds {len(faiss_ids)} ids, SQLite {len(ids)} vectors: the id sets "
+                                   f"differ")
+        elif len(ids):
+            rebuilt = np.stack([vectors.reconstruct(i) for i in ids])
+            worst = float(np.abs(rebuilt - stored).max())
+            if worst > 1e-5:
+                report.problems.append(f"{what}: FAISS vectors differ from SQLite (max abs difference {worst:.3g})")
 
     def close(self) -> None:
         self.store.close()
@@ -275,3 +408,15 @@ def open(path: str | os.PathLike | None = None, *, model: str | None = None, pre
          device: str | None = None, create: bool = True) -> Index:  # noqa: A001 - mirrors builtins.open on purpose
     """Open (or create) the index at `path`: a directory, or a bare name under the index home; default 'default'."""
     return Index(path, model=model, pretrained=pretrained, device=device, create=create)
+
+
+def _query(query: str | Query, image, not_) -> Query:
+    return Query.build(query or "", _listed(image), _listed(not_))
+
+
+def _listed(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, int, os.PathLike)):
+        return [os.fspath(value) if isinstance(value, os.PathLike) else value]
+    return list(value)

@@ -54,6 +54,7 @@ class IndexReport:
     errors: int = 0
     seconds: float = 0.0
     embedded: int = 0
+    captions: int = 0  # sidecar captions added
     warnings: list[str] = field(default_factory=list)
 
     @property

@@ -169,3 +169,15 @@ class ClipModel:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts)).to(self.device)
             return self._normalise(self._net.encode_text(tokens))
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self._tokenizer, "context_length", 77))
+
+    def overlong(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts the tokenizer cuts at the context length, so an import can say how many were truncated."""
+        encode = getattr(self._tokenizer, "encode", None)
+        if encode is None:  # tokenizers without a plain BPE encode (some hf-hub models): cannot tell, claim nothing
+            return [False] * len(texts)
+        limit = self.context_length - 2  # start and end tokens
+        return [len(encode(text)) > limit for text in texts]
