@@ -326,5 +326,42 @@ def errors(index_dir: str | None, as_json: bool) -> None:
         click.echo(f"{row['path']}: {row['error']}")
 
 
+@cli.command("eval")
+@click.argument("dataset", type=click.Path(path_type=str))
+@click.option("--index", "index_dir", default=None, metavar="DIR",
+              help="Index to evaluate in (default: 'eval-FOLDER', a named index of its own per dataset).")
+@click.option("--model", default=None, help="open_clip model for a new index (default ViT-B-32).")
+@click.option("--pretrained", default=None, metavar="TAG_OR_FILE", help="Weights for a new index.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=None, type=click.IntRange(min=0), help="Decode processes (0: decode in-process).")
+@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@json_option
+def eval_cmd(dataset: str, index_dir: str | None, model: str | None, pretrained: str | None, batch_size: int,
+             workers: int | None, device: str | None, as_json: bool) -> None:
+    """Retrieval quality on a captioned DATASET (Flickr-style .jsonl or COCO caption JSON): text->image and
+    image->text recall@1/5/10 and mean rank, next to chance. Indexes the images and imports the captions first."""
+    from .evaluate import default_index_name, evaluate
+
+    update, close = _progress_bar()
+    with index_api.open(index_dir or default_index_name(dataset), model=model, pretrained=pretrained,
+                        device=device) as idx:
+        try:
+            report = evaluate(idx, dataset, batch_size=batch_size, workers=workers, progress=update)
+        finally:
+            close()
+        _notices(idx)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False))
+        return
+    click.echo(f"{report.dataset}: {report.images} images, {report.captions} captions  [{report.model}]")
+    click.echo(f"{'':14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}   chance R@1/5/10, mean rank")
+    for name, row in (("text->image", report.text_to_image), ("image->text", report.image_to_text)):
+        chance = "/".join(f"{row.chance[f'R@{k}']:.4f}" for k in (1, 5, 10))
+        click.echo(f"{name:14}" + "".join(f"{row.recall[f'R@{k}']:>8.4f}" for k in (1, 5, 10)) +
+                   f"{row.mean_rank:>11.1f}   {chance}, {row.chance['mean_rank']:.1f}")
+    for note in report.notes:
+        click.echo(f"clipsearch: note: {note}", err=True)
+
+
 def main() -> None:
     cli(prog_name="clipsearch")

@@ -413,6 +413,32 @@ class Store:
             paths += [path for path, state in self.states_under(root).items() if state.status == "ok"]
         return sorted(set(paths))
 
+    def ok_ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            for path, image_id in self.db.execute(
+                    f"SELECT path, id FROM images WHERE status = 'ok' AND path IN ({marks})", chunk):
+                found[path] = image_id
+        return found
+
+    def vectors_of(self, ids: Sequence[int], captions: bool = False) -> np.ndarray:
+        """The stored vectors of these image (or caption) ids, in the order given."""
+        table, key = ("caption_vectors", "caption_id") if captions else ("vectors", "image_id")
+        position = {int(i): n for n, i in enumerate(ids)}
+        matrix = np.empty((len(position), self.dim or 0), dtype=np.float32)
+        wanted, found = list(position), 0
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row_id, blob in self.db.execute(f"SELECT {key}, vector FROM {table} WHERE {key} IN ({marks})", chunk):
+                matrix[position[row_id]] = np.frombuffer(blob, dtype=np.float32)
+                found += 1
+        if found != len(wanted):
+            raise LookupError(f"{len(wanted) - found} of the requested {table} are missing")
+        return matrix
+
     def caption_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM captions").fetchone()[0]
 
