@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "open": "index", "Index": "index", "VerifyReport": "index",
     "IndexReport": "indexer", "Progress": "indexer",
-    "Hit": "query",
+    "Hit": "query", "Filters": "query", "Query": "query_syntax", "Part": "query_syntax",
+    "CaptionHit": "captions", "CaptionReport": "captions", "EvalReport": "evaluate",
     "ClipsearchError": "errors", "BadInput": "errors", "ModelError": "errors", "ModelMismatch": "errors",
     "NotAnIndex": "errors", "IndexBusy": "errors", "IndexMissing": "errors", "VerifyFailed": "errors",
 }
@@ -29,7 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
                          VerifyFailed)
     from .index import Index, VerifyReport, open
     from .indexer import IndexReport, Progress
-    from .query import Hit
+    from .captions import CaptionHit, CaptionReport
+    from .evaluate import EvalReport
+    from .query import Filters, Hit
+    from .query_syntax import Part, Query
 
 
 def __getattr__(name: str) -> Any:

@@ -97,3 +97,40 @@ def test_fingerprint_lookup_only_returns_embedded_rows(tmp_path):
         store.put_image(row("/r/b.jpg", fingerprint="same", status="error", error="bad"), None)
     found = store.rows_with_fingerprints(["same", "other"])
     assert [r["path"] for r in found["same"]] == ["/r/a.jpg"] and "other" not in found
+
+
+def test_an_index_from_schema_1_gains_captions_and_keeps_its_images(tmp_path):
+    """Indexes built before captions existed are migrated in place on open, nothing lost."""
+    store = Store(tmp_path / "idx", create=True)
+    with store.transaction():
+        store.set_meta({"dim": "4"})
+        image_id = store.put_image(row("/r/a.jpg"), np.ones(4, np.float32) / 2)
+        store.bump_generation()
+    db = store.db
+    db.execute("DROP TABLE caption_vectors")
+    db.execute("DROP TABLE captions")
+    db.execute("DELETE FROM meta WHERE key = 'caption_generation'")
+    db.execute("PRAGMA user_version=1")
+    store.close()
+    migrated = Store(tmp_path / "idx")
+    assert migrated.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert migrated.caption_count() == 0 and migrated.caption_generation == 0
+    assert migrated.generation == 1 and np.allclose(migrated.vector(image_id), 0.5)
+
+
+def test_captions_follow_a_moved_image_and_are_unique_per_collection(tmp_path):
+    store = Store(tmp_path / "idx", create=True)
+    with store.transaction():
+        store.set_meta({"dim": "4"})
+        image_id = store.put_image(row("/r/a.jpg"), np.ones(4, np.float32) / 2)
+        store.put_captions("c", "/f.txt", [{"text": "a dog", "image_path": "/r/a.jpg", "truncated": 0}],
+                           np.ones((1, 4), np.float32), [])
+    with pytest.raises(sqlite3.IntegrityError):
+        with store.transaction():
+            store.put_captions("c", "/g.txt", [{"text": "a dog", "image_path": "/r/a.jpg", "truncated": 0}],
+                               np.ones((1, 4), np.float32), [])
+    with store.transaction():
+        store.move_image(image_id, "/r/b.jpg", "/r", 10, 2)
+    (caption,) = store.caption_rows(store.caption_ids("c")).values()
+    assert caption["image"] == "/r/b.jpg" and caption["image_id"] == image_id
+    assert store.caption_generation == 1
