@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install test test-fast bench
+.PHONY: install test test-fast bench demo
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -14,3 +14,7 @@ test-fast:
 
 bench:
 	$(PYTHON) bench/index_speed.py
+
+# Offline: generates a captioned world, indexes it with the project's tiny CLIP (tests/assets) and runs example queries.
+demo:
+	$(PYTHON) -m clipsearch.demo --out indexes/demo
