@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
+import sqlite3
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -18,13 +18,17 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import media
-from .errors import BadInput
+from .errors import BadInput, NotAnIndex
 from .media import Decoded, PreprocessSpec
 from .model import ClipModel
 from .store import Store
 from .vectors import VectorIndex
 
 CHUNK = 4  # paths per worker task: amortises inter-process overhead without starving the batcher
+UNSTORABLE = "path is not valid UTF-8: rename the file or its folder to index it"
+RETRIED = ("permission denied", "file not found", "out of memory")
+"""Error reasons (media's) that say nothing about the file's content: such a file is tried again on every run, since
+fixing them (chmod, freeing memory) leaves its size and mtime as they were."""
 
 
 @dataclass
@@ -86,6 +90,7 @@ class _Plan:
     orphans: dict[int, str] = field(default_factory=dict)    # id -> path of rows whose root is missing (move sources only)
     new_files: list[tuple[str, str, os.stat_result]] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
+    unstorable: set[str] = field(default_factory=set)      # paths stored escaped: recorded as errors, never decoded
 
 
 class Indexer:
@@ -109,6 +114,7 @@ class Indexer:
     def _plan(self, roots: Sequence[str]) -> _Plan:
         plan = _Plan()
         scanned = 0
+        retry = {row["path"] for row in self.store.errors() if str(row["error"] or "").startswith(RETRIED)}
         for root in roots:
             if not os.path.exists(root):
                 self._warn(f"{root} is missing (unplugged drive?): nothing under it was deleted")
@@ -117,11 +123,23 @@ class Indexer:
                 continue
             known = self.store.states_under(root)
             found: dict[str, os.stat_result] = {}
+            unreadable: list[str] = []       # folders (and, from iter_images, the odd entry) that could not be listed
+            unstatable: set[str] = set()     # files listed but out of reach
+
+            def cannot_read(path: str, why: str) -> None:
+                unreadable.append(_storable(path))
+                self._warn(f"cannot read folder {path}: {why} (nothing under it was deleted)")
             try:
-                for path in media.iter_images(root, on_error=lambda p, why: self._warn(f"cannot read folder {p}: {why}")):
+                for path in media.iter_images(root, on_error=cannot_read):
                     st = media.stat_or_none(path)
+                    key = _storable(path)
+                    if key != path:
+                        plan.unstorable.add(key)
                     if st is not None:
-                        found[path] = st
+                        found[key] = st
+                    elif why := _stat_problem(path):  # listed, out of reach: path over PATH_MAX, folder without x
+                        unstatable.add(key)
+                        self._warn(f"cannot read file {path}: {why} (its row, if any, was kept)")
                     scanned += 1
                     if scanned % 500 == 0:
                         self.progress(Progress("scan", scanned))
@@ -140,13 +158,13 @@ class Indexer:
                 state = known.get(path)
                 if state is None:
                     plan.new_files.append((path, root, st))
-                elif state.size != st.st_size or state.mtime_ns != st.st_mtime_ns:
+                elif state.size != st.st_size or state.mtime_ns != st.st_mtime_ns or path in retry:
                     plan.changed.add(path)
                     plan.work.append(_Work(path, root, st.st_size, st.st_mtime_ns, ""))
                 else:
                     self.report.unchanged += 1
             for path, state in known.items():
-                if path not in found:
+                if path not in found and path not in unstatable and not _under_any(path, unreadable):  # unlisted: kept
                     plan.gone[path] = state.id
         for known_root in self.store.roots():
             if known_root["path"] not in roots and not os.path.exists(known_root["path"]):
@@ -160,7 +178,7 @@ class Indexer:
                 plan.orphans[state.id] = path
 
     def _warn(self, message: str) -> None:
-        self.report.warnings.append(message)
+        self.report.warnings.append(_storable(message))
 
     # moves and copies ---------------------------------------------------------------------------------------------
     def _reuse(self, plan: _Plan) -> None:
@@ -168,7 +186,8 @@ class Indexer:
         if not self.store.has_vectors():  # a first run cannot reuse anything: skip reading every file's samples
             plan.work += [_Work(path, root, st.st_size, st.st_mtime_ns, "") for path, root, st in plan.new_files]
             return
-        prints = {path: media.fingerprint(path) for path, _root, _st in plan.new_files if _readable(path)}
+        prints = {path: fp for path, _root, _st in plan.new_files
+                  if path not in plan.unstorable and (fp := _fingerprint_or_empty(path))}
         candidates = self.store.rows_with_fingerprints(prints.values())
         gone_ids = set(plan.gone.values())
         moved_ids: set[int] = set()
@@ -207,7 +226,8 @@ class Indexer:
         chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
         window = max(2, (2 * self.batch_size) // CHUNK + self.workers)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_ignore_sigint) as pool:
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=media.init_worker,
+                                 initargs=(os.getpid(),)) as pool:
             pending: deque[tuple[list[_Work], Future]] = deque()
             next_chunk = 0
             try:
@@ -228,9 +248,9 @@ class Indexer:
         total = len(plan.work)
         done = 0
         batch: list[tuple[_Work, Decoded]] = []
-        failed: list[tuple[_Work, str]] = []
+        failed = [(item, UNSTORABLE) for item in plan.work if item.path in plan.unstorable]
         self.progress(Progress("embed", 0, total))
-        for item, decoded, error in self._decoded(plan.work, spec):
+        for item, decoded, error in self._decoded([w for w in plan.work if w.path not in plan.unstorable], spec):
             if decoded is None:
                 failed.append((item, error or "unreadable"))
             else:
@@ -251,7 +271,9 @@ class Indexer:
         replaced: list[int] = []
         with self.store.transaction():
             for (item, decoded), vector in zip(batch, vectors):
-                item.fingerprint = item.fingerprint or media.fingerprint(item.path)
+                item.fingerprint = item.fingerprint or _fingerprint_or_empty(item.path)
+                if not _as_scanned(item):  # rewritten while we read it: which content these pixels are is unknown
+                    item.fingerprint = ""  # so no copy may take this vector; the stored stat makes the next run redo it
                 image_id = self.store.put_image(item.row(width=decoded.width, height=decoded.height,
                                                          taken=decoded.taken, format=decoded.format), vector)
                 if item.path in plan.changed:  # its old vector leaves FAISS in _apply_to_faiss
@@ -290,9 +312,22 @@ class Indexer:
         self.report.removed += len(ids)
 
     # the run ------------------------------------------------------------------------------------------------------
+    def _refuse_damaged_store(self) -> None:
+        """Write nothing into a database that fails SQLite's own check: a damaged index is reported, never extended."""
+        try:
+            problems = self.store.integrity_problems()
+        except sqlite3.DatabaseError as exc:  # quick_check itself gives up on some damage
+            problems = [str(exc)]
+        if problems:
+            found = " ".join(" ".join(problems).split())
+            raise NotAnIndex(f"{self.store.path} is damaged (SQLite integrity check: "
+                             f"{found[:160] + '...' if len(found) > 160 else found}); nothing was written: restore it "
+                             f"from a backup, or move the index away and index again")
+
     def run(self, roots: Sequence[str]) -> IndexReport:
         started = time.monotonic()
         self._added_vector_ids: list[tuple[int, np.ndarray]] = []
+        self._refuse_damaged_store()
         run_id = self.store.start_run(roots)
         status = "failed"
         try:
@@ -313,13 +348,50 @@ class Indexer:
         return self.report
 
 
-def _readable(path: str) -> bool:
-    return os.access(path, os.R_OK)
+def _storable(text: str) -> str:
+    """`text` as SQLite can store it (valid UTF-8): bytes of a file name that are not UTF-8 are backslash-escaped."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # the bytes on disk
+    except UnicodeEncodeError:  # a surrogate that did not come from the file system
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C is the parent's to handle (it commits nothing half-done); workers just stop when it shuts the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _under_any(path: str, folders: Sequence[str]) -> bool:
+    return any(path == folder or path.startswith(folder.rstrip("/") + "/") for folder in folders)
+
+
+def _stat_problem(path: str) -> str | None:
+    """Why a file the scan listed cannot be stat'ed, or None when it simply vanished (the next run sees it gone)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return media.os_reason(exc)
+    return None
+
+
+def _as_scanned(item: _Work) -> bool:
+    """Whether the file still has the size and mtime the scan saw (asked once its pixels and fingerprint are read)."""
+    try:
+        st = os.stat(item.path)
+    except OSError:
+        return False
+    return st.st_size == item.size and st.st_mtime_ns == item.mtime_ns
+
+
+def _fingerprint_or_empty(path: str) -> str:
+    """The content fingerprint, or "" when the file cannot be read (decoding then records why) or vanished since the
+    scan (the next run sees it gone)."""
+    try:
+        return media.fingerprint(path)
+    except OSError:
+        return ""
 
 
 def default_workers() -> int:
@@ -328,10 +400,17 @@ def default_workers() -> int:
 
 
 def normalise_roots(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Absolute, user-expanded, without trailing slashes; symlinks are kept as the user named them."""
+    """Absolute, user-expanded, without trailing slashes; symlinks are kept as the user named them.
+
+    These are paths the user typed, so one whose name SQLite cannot store, or that exists but cannot be read, is bad
+    input (a root indexed before and unreadable now only gets a warning from the scan, and loses nothing)."""
     result: list[str] = []
     for path in paths:
         root = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if _storable(root) != root:
+            raise BadInput(f"cannot index {_storable(root)}: its name is not valid UTF-8 (rename it)")
+        if os.path.exists(root) and not os.access(root, os.R_OK | (os.X_OK if os.path.isdir(root) else 0)):
+            raise BadInput(f"cannot read {root}: permission denied")
         if root not in result:
             result.append(root)
     return result

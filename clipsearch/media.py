@@ -10,8 +10,11 @@ import hashlib
 import math
 import os
 import re
+import signal
 import stat
 import struct
+import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -43,6 +46,8 @@ __all__ = [
     "load",
     "decode",
     "decode_many",
+    "init_worker",
+    "os_reason",
     "stat_or_none",
 ]
 
@@ -138,8 +143,8 @@ def _is_image_name(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
-def _os_reason(exc: OSError) -> str:
-    """One line for an OSError, without the path (the caller already knows it)."""
+def os_reason(exc: OSError) -> str:
+    """One line for an OSError, without the path (the caller already knows it); also the indexer's wording."""
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):
@@ -167,7 +172,7 @@ def iter_images(root: str | os.PathLike, on_error: Callable[[str, str], None] | 
         raise
     except OSError as exc:
         if on_error is not None:
-            on_error(top, _os_reason(exc))
+            on_error(top, os_reason(exc))
         return
     if not stat.S_ISDIR(st.st_mode):
         if stat.S_ISREG(st.st_mode) and _is_image_name(top):
@@ -194,7 +199,7 @@ def iter_images(root: str | os.PathLike, on_error: Callable[[str, str], None] | 
                 children = _children(it, on_error)
         except OSError as exc:
             if on_error is not None:
-                on_error(path, _os_reason(exc))
+                on_error(path, os_reason(exc))
             continue
         stack.append(iter(children))
 
@@ -215,7 +220,7 @@ def _children(
                 out.append((name, entry.path, False))
         except OSError as exc:
             if on_error is not None:
-                on_error(entry.path, _os_reason(exc))
+                on_error(entry.path, os_reason(exc))
     out.sort()
     return out
 
@@ -394,7 +399,7 @@ def _reason(exc: BaseException, fmt: str | None) -> str:
     if isinstance(exc, MemoryError):
         return f"out of memory decoding {kind}"
     if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError)):
-        return _os_reason(exc)
+        return os_reason(exc)
     if "image file is truncated" in msg:  # drop Pillow's "(N bytes not processed)": noise to a person
         return f"truncated {kind} (image file is truncated)"
     if "truncated" in msg.lower():
@@ -613,6 +618,22 @@ def decode(path: str, spec: PreprocessSpec) -> tuple[str, Decoded | None, str | 
 def decode_many(paths: list[str], spec: PreprocessSpec) -> list[tuple[str, Decoded | None, str | None]]:
     """Worker entry point for a chunk of files: one round trip between processes for several images."""
     return [decode(path, spec) for path in paths]
+
+
+def init_worker(parent: int) -> None:
+    """Decode-worker initializer (here so a worker imports nothing heavier than this module).
+
+    Ctrl-C is the parent's to handle (it commits nothing half-done); workers just stop when it shuts the pool. And a
+    worker must not outlive a parent that was killed (SIGKILL, OOM killer): it would wait forever on its task queue,
+    whose write end it holds itself, so a watchdog thread ends it once its parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def stat_or_none(path: str | os.PathLike) -> os.stat_result | None:

@@ -470,8 +470,16 @@ class Store:
         return rows[0] if rows else None
 
     def integrity_problems(self) -> list[str]:
-        result = [row[0] for row in self.db.execute("PRAGMA quick_check")]
-        return [] if result == ["ok"] else result
+        """SQLite's quick_check, one line per problem (at most 5, then a count); a check that cannot even run on the
+        damage is itself the problem."""
+        try:
+            result = [str(row[0]) for row in self.db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as exc:
+            return [f"the database cannot be read ({exc})"]
+        if result == ["ok"]:
+            return []
+        problems = [" ".join(problem.split()) for problem in result]
+        return problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
 
 
 def _blob(vector: np.ndarray) -> bytes:
