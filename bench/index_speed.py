@@ -1,18 +1,30 @@
-"""Indexing speed of `clipsearch index` on the real photo folder, with a random-init ViT-B-32 checkpoint
-(it costs exactly what the real weights cost), next to the model-only throughput measured in the same run.
+"""Indexing speed of `clipsearch index` on the real photo folder, side by side in one run with the naive loop most tools
+use and with the model-only throughput, with a random-init ViT-B-32 checkpoint (it costs exactly what the real weights
+cost). Also the peak memory of the `clipsearch index` process tree (issue 5, targets 1 and 5).
 
-    python bench/index_speed.py [--runs 3] [--folder ../shared/data/photos] [--workers N]
+    python bench/index_speed.py [--runs 3] [--folder ../shared/data/photos] [--workers N] [--precision auto]
 
-Prints the median images/s of full CLI runs (fresh index each time, new process each time) and their ratio to the
-model-only rate (encode_image on ready tensors, same batch size), so the number is comparable across noisy machines.
+- ours: `clipsearch index FOLDER` in a new process, fresh index each run; its own reported rate (scan to last commit,
+  model load excluded) and the whole-process rate (imports and model load included).
+- naive: Pillow full decode -> open_clip `preprocess` in a torch DataLoader (`--naive-workers`, default 0: the
+  DataLoader default) -> float32 `encode_image`, batch 32; model load excluded, so it compares with ours' reported rate.
+- model only: `encode_image` on ready tensors, same batch size and precision as ours.
+- memory: the process tree of each `clipsearch index` run (decode workers included) is sampled every 20 ms; printed
+  are the peak of the summed VmRSS (pages shared between processes counted once per process: an upper bound) and of
+  the summed PSS (shared pages split between the processes sharing them).
+
+Prints medians and the ratios ours/naive and ours/model-only; the targets are >= 2.5 and >= 0.85.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,51 +42,193 @@ def make_checkpoint(directory: Path) -> Path:
     return path
 
 
-def model_only_rate(checkpoint: Path, batch: int, batches: int = 4) -> float:
+def model_only_runner(checkpoint: Path, batch: int, precision: str):
+    """Load the model once; return (a function timing `batches` batches of encode_image on ready tensors: images/s,
+    the precision used)."""
     import numpy as np
 
     from clipsearch.model import ClipModel, ModelSpec
 
-    model = ClipModel(ModelSpec("ViT-B-32", str(checkpoint)), device="cpu")
+    model = ClipModel(ModelSpec("ViT-B-32", str(checkpoint)), device="cpu", precision=precision)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     model.encode_images(x)  # warm-up
-    start = time.perf_counter()
-    for _ in range(batches):
-        model.encode_images(x)
-    return batch * batches / (time.perf_counter() - start)
+
+    def run(batches: int = 2) -> float:
+        start = time.perf_counter()
+        for _ in range(batches):
+            model.encode_images(x)
+        return batch * batches / (time.perf_counter() - start)
+
+    return run, model.precision
 
 
-def index_rate(checkpoint: Path, folder: Path, extra: list[str]) -> tuple[float, float, int]:
+# the naive loop ---------------------------------------------------------------------------------------------------
+class _Files:
+    """A torch Dataset: full Pillow decode, then open_clip's preprocess (what most tools do); None when unreadable."""
+
+    def __init__(self, paths: list[str], preprocess) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as image:
+                return self.preprocess(image.convert("RGB"))
+        except Exception:  # noqa: BLE001 - a naive loop skips what it cannot read
+            return None
+
+
+def _collate(items):
+    import torch
+
+    kept = [item for item in items if item is not None]
+    return torch.stack(kept) if kept else None
+
+
+def naive_runner(checkpoint: Path, folder: Path, batch: int, workers: int):
+    """Load the model once; return a function that runs the naive loop over the folder: (images/s, images)."""
+    import open_clip
+    import torch
+
+    from clipsearch import media
+
+    net, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(checkpoint))
+    net.eval()
+    paths = sorted(str(p) for p in media.iter_images(folder))
+
+    def run() -> tuple[float, int]:
+        loader = torch.utils.data.DataLoader(_Files(paths, preprocess), batch_size=batch, num_workers=workers,
+                                             collate_fn=_collate)
+        done = 0
+        start = time.perf_counter()
+        with torch.no_grad():
+            for pixels in loader:
+                if pixels is not None:
+                    features = net.encode_image(pixels)
+                    features = features / features.norm(dim=-1, keepdim=True)
+                    done += len(features)
+        return done / (time.perf_counter() - start), done
+
+    return run
+
+
+# ours ---------------------------------------------------------------------------------------------------------------
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _field_kb(path: str, name: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Samples the summed VmRSS and PSS of a process and its descendants until stopped; keeps the peaks (MB)."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.peak_rss = self.peak_pss = 0.0
+        self.peak_processes = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            pids = _tree(self.pid)
+            rss = sum(_field_kb(f"/proc/{p}/status", "VmRSS:") for p in pids) / 1024
+            pss = sum(_field_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_processes = max(self.peak_processes, len(pids))
+            self._halt.wait(self.every)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def index_run(checkpoint: Path, folder: Path, extra: list[str]) -> dict:
+    """One `clipsearch index` in a new process over a fresh index."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "clipsearch", "index", str(folder), "--index", f"{tmp}/idx",
-                               "--model", "ViT-B-32", "--pretrained", str(checkpoint), *extra],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "index", str(folder), "--index", f"{tmp}/idx",
+                                 "--model", "ViT-B-32", "--pretrained", str(checkpoint), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        memory = TreeMemory(proc.pid)
+        memory.start()
+        out, err = proc.communicate()
         wall = time.perf_counter() - start
-    embedded = int(proc.stdout.split()[0])
-    reported = float(proc.stdout.split("(")[1].split()[0])
-    return embedded / wall, reported, embedded
+        memory.stop()
+        if proc.returncode:
+            raise SystemExit(f"clipsearch index failed ({proc.returncode}): {err.strip()[-500:]}")
+        info = json.loads(subprocess.run([sys.executable, "-m", "clipsearch", "info", "--index", f"{tmp}/idx", "--json"],
+                                         capture_output=True, text=True, check=True).stdout)
+    embedded = int(out.split()[0])
+    reported = float(out.split("(")[1].split()[0])
+    return {"wall": embedded / wall, "reported": reported, "embedded": embedded, "rss": memory.peak_rss,
+            "pss": memory.peak_pss, "processes": memory.peak_processes, "precision": info.get("precision")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=REPO.parent / "shared" / "data" / "photos")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="clipsearch index --workers (default: its own)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader num_workers of the naive loop")
     args = parser.parse_args()
-    extra = ["--batch-size", str(args.batch_size)] + (["--workers", str(args.workers)] if args.workers is not None else [])
+    extra = ["--batch-size", str(args.batch_size), "--precision", args.precision] + \
+        (["--workers", str(args.workers)] if args.workers is not None else [])
+    print(f"folder {args.folder}, {args.runs} runs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
-        model_rate = model_only_rate(checkpoint, args.batch_size)
-        runs = [index_rate(checkpoint, args.folder, extra) for _ in range(args.runs)]
-    wall = statistics.median(r[0] for r in runs)
-    inner = statistics.median(r[1] for r in runs)
-    print(f"folder: {args.folder} ({runs[0][2]} images embedded per run), {args.runs} runs")
-    print(f"model only (encode_image, batch {args.batch_size}, fp32): {model_rate:.1f} images/s")
-    print(f"clipsearch index, whole process (imports, model load, scan, decode, embed, commit): median {wall:.1f} images/s")
-    print(f"clipsearch index, as reported by the run (scan to last commit):               median {inner:.1f} images/s")
-    print(f"ratio of reported run rate to model-only rate: {inner / model_rate:.2f}")
+        ours, naive, model = [], [], []
+        naive_loop = naive_runner(checkpoint, args.folder, args.batch_size, args.naive_workers)
+        model_only, model_precision = model_only_runner(checkpoint, args.batch_size, args.precision)
+        for _ in range(args.runs):  # interleaved, so a change in machine load hits every column alike
+            ours.append(index_run(checkpoint, args.folder, extra))
+            naive.append(naive_loop())
+            model.append(model_only())
+    precision = ours[0]["precision"]
+    ours_rate = statistics.median(r["reported"] for r in ours)
+    naive_rate = statistics.median(r[0] for r in naive)
+    model_rate = statistics.median(model)
+    print(f"images per run: ours {ours[0]['embedded']}, naive {naive[0][1]}")
+    print(f"model only (encode_image on ready tensors, batch {args.batch_size}, {model_precision}): "
+          f"median {model_rate:.1f} images/s")
+    print(f"naive loop (Pillow full decode -> preprocess in a DataLoader, num_workers={args.naive_workers} -> "
+          f"fp32 encode_image, batch {args.batch_size}): median {naive_rate:.1f} images/s")
+    print(f"clipsearch index ({precision}), as reported by the run (scan to last commit): median {ours_rate:.1f} "
+          f"images/s")
+    print(f"clipsearch index, whole process (imports, model load, scan, decode, embed, commit, ONNX export): "
+          f"median {statistics.median(r['wall'] for r in ours):.1f} images/s")
+    print(f"ratio ours / naive:      {ours_rate / naive_rate:.2f}   (target >= 2.5)")
+    print(f"ratio ours / model-only: {ours_rate / model_rate:.2f}   (target >= 0.85)")
+    print(f"peak memory of the clipsearch index process tree (up to {max(r['processes'] for r in ours)} processes): "
+          f"summed VmRSS {max(r['rss'] for r in ours):.0f} MB, summed PSS {max(r['pss'] for r in ours):.0f} MB "
+          f"(target <= 1536 MB)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

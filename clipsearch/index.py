@@ -3,34 +3,45 @@
 The model loads lazily (commands that never embed stay fast), the FAISS file is checked against the store generation on
 first use and rebuilt from SQLite when missing, stale or damaged, and writers take an exclusive lock that the OS drops
 when a process dies.
+
+Text queries never need torch: whenever the model is loaded anyway (indexing, importing captions) its text tower is
+exported to ONNX inside the index directory (`text.onnx`, once per model identity), and text is then encoded with
+onnxruntime and a torch-free tokenizer (clipsearch.text_onnx). Only when no such file is usable does a text query load
+the torch model. The indexer, captions and model modules are imported on first use, so a search imports none of them.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import captions as caption_room
-from .caption_files import read_captions
-from .captions import CaptionHit, CaptionReport
 from .errors import BadInput, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex
 from .home import resolve_index
-from .indexer import Indexer, IndexReport, Progress, ProgressCallback, normalise_roots
-from .model import DEFAULT_PRETRAINED, ClipModel, ModelSpec, pretrained_id, register_project_configs
 from .query import Filters, Hit, check_k, check_threshold, query_vector, search_captions, search_images
 from .query_syntax import Query
 from .store import Store
-from .vectors import VectorFileError, VectorIndex
+from .vectors import VectorFileError, VectorIndex, read_header
+
+if TYPE_CHECKING:  # pragma: no cover - the search path imports none of these
+    from .captions import CaptionHit, CaptionReport
+    from .indexer import IndexReport, ProgressCallback
+    from .model import ClipModel, ModelSpec
+    from .text_onnx import OnnxTextEncoder
 
 FAISS_NAME = "images.faiss"
 CAPTIONS_FAISS_NAME = "captions.faiss"
 LOCK_NAME = "write.lock"
+SAVE_LOCK_NAME = "save.lock"  # held while a FAISS file is written, by a writer or by a reader that repaired one
+TEXT_ENCODER_NAME = "text.onnx"
+# "torch" makes text queries use the torch model even where an ONNX text tower exists (comparisons, debugging).
+TEXT_ENCODER_ENV = "CLIPSEARCH_TEXT_ENCODER"
 
 
 @dataclass
@@ -45,7 +56,10 @@ class Index:
     """One index directory. Use `clipsearch.open()` to get one; close it (or use `with`) when done."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, model: str | None = None,
-                 pretrained: str | None = None, device: str | None = None, create: bool = True) -> None:
+                 pretrained: str | None = None, device: str | None = None, precision: str = "auto",
+                 create: bool = True, one_shot: bool = False) -> None:
+        """`precision` is the image tower's (see clipsearch.model.resolve_precision); `one_shot` says the process
+        answers one query and exits (the CLI), so the text encoder loads fast rather than runs fast."""
         self.path = resolve_index(path)
         if self.path.exists() and not self.path.is_dir():
             raise NotAnIndex(f"{self.path} is a file, not an index directory")
@@ -54,9 +68,13 @@ class Index:
             raise IndexMissing(f"no index at {self.path}: build one with `clipsearch index FOLDER`")
         self.store = Store(self.path, create=create)
         self.device = device
+        self.precision = precision
+        self.one_shot = one_shot
         self.notices: list[str] = []
         self._requested = (model, pretrained)
         self._model: ClipModel | None = None
+        self._text_encoder: OnnxTextEncoder | None = None
+        self._text_encoder_failed = False
         self._vectors: VectorIndex | None = None
         self._caption_vectors: VectorIndex | None = None
         self._writing = False  # this process holds the write lock
@@ -66,6 +84,8 @@ class Index:
     @property
     def model_spec(self) -> ModelSpec:
         """The stored model when the index has one, else what was asked for, else the default."""
+        from .model import DEFAULT_PRETRAINED, ModelSpec, register_project_configs
+
         stored = self.store.get_meta("model")
         model, pretrained = self._requested
         if stored:
@@ -86,7 +106,7 @@ class Index:
         if model and model != stored_name:
             raise ModelMismatch(f"{self.path} was built with {stored}; it cannot be searched or extended with {model} "
                                 f"(use another --index)")
-        if pretrained and pretrained_id(ModelSpec(stored_name, pretrained).resolved()) != self.store.get_meta("pretrained_id"):
+        if pretrained and _pretrained_id(stored_name, pretrained) != self.store.get_meta("pretrained_id"):
             raise ModelMismatch(f"{self.path} was built with {stored}; '{pretrained}' are other weights "
                                 f"(use another --index)")
 
@@ -99,7 +119,9 @@ class Index:
                     not os.path.exists(spec.pretrained):
                 raise ModelError(f"this index's checkpoint {spec.pretrained} is gone; if it moved, run "
                                  f"`clipsearch index --index {self.path} --pretrained NEW_LOCATION` once")
-            loaded = ClipModel(spec, device=self.device)
+            from .model import ClipModel
+
+            loaded = ClipModel(spec, device=self.device, precision=self.precision)
             stored_identity = self.store.get_meta("identity")
             if stored_identity and stored_identity != loaded.identity:
                 raise ModelMismatch(f"{self.path} was built with a different model or preprocessing than "
@@ -116,6 +138,95 @@ class Index:
             self.store.set_meta({"model": model.spec.name, "pretrained": model.spec.pretrained,
                                  "pretrained_id": model.pretrained_id, "identity": model.identity,
                                  "dim": str(model.dim)})
+
+    # text encoder -------------------------------------------------------------------------------------------------
+    @property
+    def text_encoder_path(self) -> Path:
+        return self.path / TEXT_ENCODER_NAME
+
+    def _ensure_text_encoder(self, progress: ProgressCallback | None = None) -> str | None:
+        """Called by a writer holding the lock, with the model loaded: export the ONNX text tower unless a valid one
+        for this model is there already (or an export was already tried for this model and could not be done).
+        Returns a warning for the caller's report, or None; never raises: an index without the file still works,
+        its text queries just load the torch model."""
+        from . import __version__
+        from .text_onnx import OnnxTextEncoder, export_text_tower
+        from .tokenizer import UnsupportedTokenizer
+
+        model = self.model
+        attempt = json.dumps({"identity": model.identity, "clipsearch": __version__}, sort_keys=True)
+        meta = self.store.meta()
+        if meta.get("text_encoder") == "torch" and meta.get("text_encoder_for") == attempt:
+            return None  # tried for this very model and version: the reason was reported then
+        if meta.get("text_encoder") == "onnx" and self.text_encoder_path.is_file():
+            try:
+                OnnxTextEncoder(self.text_encoder_path, identity=model.identity)
+                if meta.get("text_encoder_identity") == model.identity:
+                    return None
+            except (ModelError, ModelMismatch):  # missing weights, damaged, another model's: export again
+                pass
+        warning = None
+        if progress:
+            from .indexer import Progress
+
+            progress(Progress("text-encoder", path=str(self.text_encoder_path)))
+        try:
+            export_text_tower(model, self.text_encoder_path)
+            values = {"text_encoder": "onnx", "text_encoder_identity": model.identity, "text_encoder_note": ""}
+        except UnsupportedTokenizer as exc:
+            values = {"text_encoder": "torch", "text_encoder_note": str(exc)}
+            warning = f"text queries will load the torch model: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure only costs query speed, never the run
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            values = {"text_encoder": "torch", "text_encoder_note": f"export failed: {first}"}
+            warning = f"could not export the text encoder to ONNX ({first}); text queries will load the torch model"
+        if values["text_encoder"] == "torch":
+            values["text_encoder_identity"] = ""
+            self.text_encoder_path.unlink(missing_ok=True)  # a file of an older model must not linger
+        values["text_encoder_for"] = attempt
+        with self.store.transaction():
+            self.store.set_meta(values)
+        self._text_encoder = None  # a new file: reload on next use
+        return warning
+
+    def text_encoder(self) -> OnnxTextEncoder | None:
+        """The ONNX text encoder when the index has a valid one for its model, else None (text goes through torch).
+
+        Only the identity recorded in the index decides: a file of another model is refused (with a notice) and the
+        torch path taken, whose result is the same (cosine >= 0.999)."""
+        if self._text_encoder is not None:
+            return self._text_encoder
+        identity = self._onnx_identity()
+        return None if identity is None else self._load_text_encoder(identity)
+
+    def _onnx_identity(self) -> str | None:
+        """The model identity an ONNX text encoder must carry, when the index has one to try (meta and file)."""
+        if self._text_encoder_failed or os.environ.get(TEXT_ENCODER_ENV, "").lower() == "torch":
+            return None
+        identity = self.store.get_meta("identity")
+        if not identity or self.store.get_meta("text_encoder") != "onnx" or not self.text_encoder_path.is_file():
+            return None
+        return identity
+
+    def _load_text_encoder(self, identity: str) -> OnnxTextEncoder | None:
+        """Load the ONNX file (no store access: may run beside a thread that loads FAISS); None, with a notice, when it
+        cannot be used."""
+        from .text_onnx import OnnxTextEncoder
+
+        try:
+            self._text_encoder = OnnxTextEncoder(self.text_encoder_path, identity=identity,
+                                                 long_lived=not self.one_shot)
+        except (ModelError, ModelMismatch) as exc:
+            self._text_encoder_failed = True
+            self.notices.append(f"text encoder not usable ({exc}); using the torch model (slower to load); "
+                                f"`clipsearch index` exports it again")
+            return None
+        return self._text_encoder
+
+    @property
+    def query_encoder(self) -> str:
+        """Which text encoder text queries use: 'onnx' (no torch) or 'torch'."""
+        return "onnx" if self.text_encoder() is not None else "torch"
 
     # vectors ------------------------------------------------------------------------------------------------------
     @property
@@ -143,18 +254,25 @@ class Index:
         return self._caption_vectors
 
     def _current(self, held: VectorIndex | None, path: Path, generation_key: str, snapshot, what: str) -> VectorIndex:
-        """`held` if current, else the saved file if current, else a rebuild from one SQLite snapshot."""
+        """`held` if current, else the saved file if current, else a rebuild from one SQLite snapshot. Current means
+        the store's generation and a plan that still suits the number of vectors (`VectorIndex.needs_rebuild`): an
+        index whose collection crossed a threshold is rebuilt with the plan chosen for its new size."""
         generation = int(self.store.get_meta(generation_key, "0"))
-        if held is not None and held.generation == generation:
+        if held is not None and held.generation == generation and not held.needs_rebuild():
             return held
         dim = self.store.dim
-        try:
-            loaded = VectorIndex.load(path)
-            if loaded.generation == generation and loaded.dim == dim:
-                return loaded
-            reason = "out of date"
-        except VectorFileError as exc:
-            reason = str(exc)
+        current = held if held is not None and held.generation == generation else None
+        if current is None:
+            try:
+                current = VectorIndex.load(path)
+                if current.generation != generation or current.dim != dim:
+                    current, reason = None, "out of date"
+                elif not current.needs_rebuild():
+                    return current
+            except VectorFileError as exc:
+                current, reason = None, str(exc)
+        if current is not None:  # current in content, but N crossed a threshold of the plan
+            reason = f"{current.ntotal:,} vectors call for another index type than {current.kind}"
         rebuilt = VectorIndex.from_source(dim, SimpleNamespace(vectors_snapshot=snapshot))
         if rebuilt.ntotal or path.exists():  # a new, empty index has nothing to repair
             self.notices.append(f"{what} rebuilt from SQLite ({reason})")
@@ -162,16 +280,32 @@ class Index:
         return rebuilt
 
     def _save_if_idle(self, vectors: VectorIndex, path: Path, generation_key: str) -> None:
+        """Save a rebuilt index unless a writer is at work: this process's own run saves when it ends, another
+        process's run saves its newer state."""
         if self._writing:
-            return  # our own run saves the FAISS file when it ends
+            return
         try:
-            with self._write_lock():
+            with self._save_lock(blocking=False):  # never the writers' lock: an `index` starting now must not be busy
                 if vectors.generation == int(self.store.get_meta(generation_key, "0")):
                     vectors.save(path)
         except IndexBusy:
-            pass  # a writer is running and will save its own, newer state
+            pass  # another process is saving one right now
         except OSError:
             pass  # read-only location: keep the rebuilt index in memory
+
+    @contextmanager
+    def _save_lock(self, blocking: bool) -> Iterator[None]:
+        """Serialises FAISS saves, so a reader's repaired file never lands half-way through a writer's save (and the
+        writer's newer one, saved after it, wins)."""
+        with (self.path / SAVE_LOCK_NAME).open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise IndexBusy(f"a FAISS file of {self.path} is being saved") from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
@@ -191,7 +325,11 @@ class Index:
     # writing ------------------------------------------------------------------------------------------------------
     def index(self, paths: Sequence[str | os.PathLike] | None = None, *, batch_size: int = 32,
               workers: int | None = None, progress: ProgressCallback | None = None) -> IndexReport:
-        """Bring the index up to date with `paths` (folders or files); with none, with every root indexed before."""
+        """Bring the index up to date with `paths` (folders or files); with none, with every root indexed before.
+        The first run with a model also exports its text tower (see the module doc)."""
+        from . import captions as caption_room
+        from .indexer import Indexer, Progress, normalise_roots
+
         known = [row["path"] for row in self.store.roots()]
         roots = normalise_roots(paths) if paths else known
         if not roots:
@@ -208,11 +346,19 @@ class Index:
             vectors = self.vectors()
             report = Indexer(self.store, vectors, self.model, batch_size=batch_size, workers=workers,
                              progress=progress).run(roots)
-            vectors.save(self.faiss_path)
+            with self._save_lock(blocking=True):  # also the moment to drop temp files of a save that was killed
+                for stale in [*self.path.glob(f"{FAISS_NAME}.*.tmp"), *self.path.glob(f"{CAPTIONS_FAISS_NAME}.*.tmp")]:
+                    stale.unlink(missing_ok=True)
+                vectors.save(self.faiss_path)
             sidecars = caption_room.sync_sidecars(self.store, lambda: self.model, self.store.ok_paths_under(roots))
             if sidecars.added or sidecars.removed:
                 self._save_caption_vectors()
+            with self.store.transaction():
+                self.store.set_meta({"precision": self.model.precision})  # of the image vectors this run embedded
+            export_warning = self._ensure_text_encoder(progress)
         report.captions = sidecars.added
+        if export_warning:
+            report.warnings.append(export_warning)
         report.warnings += [f"sidecar {problem}" for problem in sidecars.problems]
         if sidecars.truncated:
             report.warnings.append(f"{sidecars.truncated} sidecar captions are longer than the model's context and "
@@ -225,7 +371,8 @@ class Index:
         if self.store.caption_count():
             self._caption_vectors = VectorIndex.from_source(
                 self.store.dim, SimpleNamespace(vectors_snapshot=self.store.caption_vectors_snapshot))
-            self._caption_vectors.save(self.captions_faiss_path)
+            with self._save_lock(blocking=True):
+                self._caption_vectors.save(self.captions_faiss_path)
         else:
             self.captions_faiss_path.unlink(missing_ok=True)
             self._caption_vectors = None
@@ -233,6 +380,10 @@ class Index:
     def add_captions(self, file: str | os.PathLike, *, collection: str | None = None, column: str | None = None,
                      field: str | None = None, progress: ProgressCallback | None = None) -> CaptionReport:
         """Import a caption file into a collection (default: the file's name); importing it again changes nothing."""
+        from . import captions as caption_room
+        from .caption_files import read_captions
+        from .indexer import Progress
+
         parsed = read_captions(file, column=column, field=field)
         source = os.path.abspath(os.path.expanduser(os.fspath(file)))
         name = caption_room.check_collection(collection) if collection is not None else \
@@ -249,6 +400,10 @@ class Index:
                 self._record_model()
             report = caption_room.import_captions(self.store, lambda: self.model, parsed, name, source, progress)
             self._save_caption_vectors()
+            # only when the import loaded the model: an unchanged file embeds nothing and should stay instant
+            export_warning = self._ensure_text_encoder(progress) if self._model is not None else None
+        if export_warning:
+            self.notices.append(f"warning: {export_warning}")
         return report
 
     def collections(self) -> list[dict]:
@@ -296,8 +451,7 @@ class Index:
         threshold = check_threshold(threshold)
         filters = Filters.build(under, after, before, types)
         parsed = _query(query, image, not_)
-        vectors = self.vectors()
-        vector, own = query_vector(parsed, self.store, self.encode_texts, lambda: self.model)
+        vector, own, vectors = self._vector_and_index(parsed, self._vectors, self.vectors)
         return search_images(self.store, vectors, vector, k, filters=filters, threshold=threshold, exclude=own)
 
     def similar(self, image: str | os.PathLike | int, k: int = 10, **filters) -> list[Hit]:
@@ -318,12 +472,40 @@ class Index:
         for name in collections:
             if name not in known:
                 raise BadInput(f"no caption collection named {name!r} (collections: {', '.join(sorted(known)) or 'none'})")
-        vectors = self.caption_vectors()
-        vector, _ = query_vector(parsed, self.store, self.encode_texts, lambda: self.model)
+        vector, _, vectors = self._vector_and_index(parsed, self._caption_vectors, self.caption_vectors)
         return search_captions(self.store, vectors, vector, k, collections=collections, threshold=threshold)
 
+    def _vector_and_index(self, parsed: Query, held: VectorIndex | None,
+                          load: Callable[[], VectorIndex]) -> tuple[np.ndarray, set[int], VectorIndex]:
+        """The query vector, the ids of indexed images in the query, and the FAISS index to search (from `load`).
+
+        A text-only query on the ONNX path, with FAISS not loaded yet (a new process), loads FAISS in a thread
+        while onnxruntime loads and runs: both work without the GIL, so the query pays for the slower of the two
+        rather than their sum. The encoder touches no SQLite meanwhile; if it cannot be used, the thread is waited
+        for before the torch path starts reading the store."""
+        identity = None
+        if held is None and parsed.parts and all(part.kind == "text" for part in parsed.parts) and \
+                self._text_encoder is None:
+            identity = self._onnx_identity()
+        if identity is None:
+            vectors = load()
+            vector, own = query_vector(parsed, self.store, self.encode_texts, lambda: self.model)
+            return vector, own, vectors
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="clipsearch-faiss-load") as pool:
+            pending = pool.submit(load)
+            if self._load_text_encoder(identity) is None:
+                pending.result()  # the torch path reads the store: not beside the loading thread
+            vector, own = query_vector(parsed, self.store, self.encode_texts, lambda: self.model)
+            return vector, own, pending.result()
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Texts -> unit vectors with this index's model."""
+        """Texts -> unit vectors with this index's model: through its ONNX text tower when the index has a valid one
+        (no torch), else through the torch model."""
+        encoder = self.text_encoder()
+        if encoder is not None:
+            return encoder.encode_texts(texts)
         return self.model.encode_texts(texts)
 
     def errors(self) -> list[dict]:
@@ -342,6 +524,10 @@ class Index:
             "model": meta.get("model"),
             "pretrained": meta.get("pretrained"),
             "dim": int(meta["dim"]) if meta.get("dim") else None,
+            "precision": meta.get("precision"),
+            "query_encoder": self.query_encoder if meta.get("identity") else None,
+            "query_encoder_note": meta.get("text_encoder_note") or None,
+            "vector_index": _vector_index(self.faiss_path),
             "generation": int(meta.get("generation", 0)),
             "captions": self.store.caption_count(),
             "collections": self.store.collections(),
@@ -358,6 +544,9 @@ class Index:
         """Check that SQLite is sound and that FAISS holds exactly the stored vectors (rebuilding a stale FAISS first)."""
         report = VerifyReport(ok=True)
         report.problems += [f"SQLite integrity: {p}" for p in self.store.integrity_problems()]
+        if report.problems:  # nothing past this point can be trusted, or even read
+            report.ok = False
+            return report
         db = self.store.db
         orphans = db.execute("SELECT count(*) FROM vectors v LEFT JOIN images i ON i.id = v.image_id "
                              "WHERE i.id IS NULL OR i.status != 'ok'").fetchone()[0]
@@ -379,20 +568,27 @@ class Index:
         return report
 
     def _compare(self, report: VerifyReport, what: str, derived, stored_vectors) -> None:
+        """FAISS must hold exactly SQLite's ids, and their vectors: equal for an exact index, within the index's
+        `tolerance` for a compressed one (whose copies are fp16 or 8-bit, by design)."""
         before = len(self.notices)
         vectors = derived()
         report.notices += self.notices[before:]
         ids, stored = stored_vectors()
-        faiss_ids = vectors.ids()
+        faiss_ids = np.sort(vectors.ids())
         report.checked += len(ids)
-        if len(faiss_ids) != len(ids) or not np.array_equal(np.sort(faiss_ids), ids):
+        if len(faiss_ids) != len(ids) or not np.array_equal(faiss_ids, ids):
             report.problems.append(f"{what}: FAISS holds {len(faiss_ids)} ids, SQLite {len(ids)} vectors: the id sets "
                                    f"differ")
-        elif len(ids):
-            rebuilt = np.stack([vectors.reconstruct(i) for i in ids])
-            worst = float(np.abs(rebuilt - stored).max())
-            if worst > 1e-5:
-                report.problems.append(f"{what}: FAISS vectors differ from SQLite (max abs difference {worst:.3g})")
+            return
+        tolerance = max(1e-5, vectors.tolerance)
+        worst = 0.0
+        chunk = 65_536  # vectors compared at a time: a bounded working set at a million vectors
+        for start in range(0, len(ids), chunk):
+            rebuilt = vectors.reconstruct_batch(ids[start:start + chunk])
+            worst = max(worst, float(np.abs(rebuilt - stored[start:start + chunk]).max()))
+        if worst > tolerance:
+            report.problems.append(f"{what}: FAISS vectors differ from SQLite (max abs difference {worst:.3g}, "
+                                   f"{vectors.kind} allows {tolerance:.3g})")
 
     def close(self) -> None:
         self.store.close()
@@ -405,9 +601,18 @@ class Index:
 
 
 def open(path: str | os.PathLike | None = None, *, model: str | None = None, pretrained: str | None = None,
-         device: str | None = None, create: bool = True) -> Index:  # noqa: A001 - mirrors builtins.open on purpose
-    """Open (or create) the index at `path`: a directory, or a bare name under the index home; default 'default'."""
-    return Index(path, model=model, pretrained=pretrained, device=device, create=create)
+         device: str | None = None, precision: str = "auto", create: bool = True,
+         one_shot: bool = False) -> Index:  # noqa: A001 - mirrors builtins.open on purpose
+    """Open (or create) the index at `path`: a directory, or a bare name under the index home; default 'default'.
+    See `Index` for `precision` and `one_shot`."""
+    return Index(path, model=model, pretrained=pretrained, device=device, precision=precision, create=create,
+                 one_shot=one_shot)
+
+
+def _pretrained_id(model: str, pretrained: str) -> str:
+    from .model import ModelSpec, pretrained_id
+
+    return pretrained_id(ModelSpec(model, pretrained).resolved())
 
 
 def _query(query: str | Query, image, not_) -> Query:
@@ -420,3 +625,10 @@ def _listed(value) -> list:
     if isinstance(value, (str, int, os.PathLike)):
         return [os.fspath(value) if isinstance(value, os.PathLike) else value]
     return list(value)
+
+
+def _vector_index(path: Path) -> dict | None:
+    """The saved image FAISS file's type and size, from its header alone (None before the first save)."""
+    header = read_header(path)
+    return None if header is None else {"kind": header.get("kind"), "vectors": header.get("ntotal"),
+                                        "generation": header.get("generation")}

@@ -2,6 +2,10 @@
 
 It knows nothing of files beyond the checkpoint it loads, nor of SQLite or FAISS. torch and open_clip are imported lazily
 so that commands which never embed (info, verify) start fast.
+
+Precision: the image tower may run in bfloat16 (a CPU with native bf16 instructions) or float16 (CUDA); the text tower
+always stays float32, so torch and ONNX text vectors stay comparable and a query costs the same everywhere. Vectors of
+every precision are interchangeable (cosine >= 0.999 to float32), so the model identity does not include it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from .errors import ModelError
 from .media import PreprocessSpec, fingerprint
+from .tokenizer import ClipTokenizer, UnsupportedTokenizer, from_open_clip
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,6 +30,8 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 PROJECT_CONFIGS = Path(__file__).with_name("model_configs")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; without them bf16 is emulated and slower
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,40 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere, or when /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' becomes fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32; others are kept.
+
+    Measured with a random-init ViT-B-32, batch 32 (bench/model_speed.py): on a Zen 3 CPU (AVX2, no bf16 instructions)
+    bf16 runs about 6x slower than fp32, so 'auto' must not pick it there; on CPUs with AVX512-BF16 it runs about 2x
+    faster (issue 5).
+    """
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        return precision
+    if str(device).startswith("cuda"):
+        return "fp16"
+    if str(device) == "cpu" and not cpu_flags().isdisjoint(_BF16_CPU_FLAGS):
+        return "bf16"
+    return "fp32"
+
+
 class ClipModel:
     """A loaded open_clip model with the preprocessing it was trained with."""
 
-    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, device: str | None = None, precision: str = "auto") -> None:
         import torch
 
         register_project_configs()
@@ -121,6 +158,7 @@ class ClipModel:
         _check_spec(spec)
         self.spec = spec
         self.device = device or default_device()
+        self.precision = resolve_precision(precision, self.device)  # the one used, never 'auto'
         quiet = logging.getLogger()
         previous = quiet.level
         quiet.setLevel(logging.CRITICAL)  # open_clip logs at error level before raising; we raise our own clear error
@@ -139,9 +177,15 @@ class ClipModel:
         finally:
             quiet.setLevel(previous)
         net.eval()
+        self._image_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        net.visual.to(self._image_dtype)  # only the image tower: the text tower stays float32 (see the module doc)
         self._net = net
         self._torch = torch
         self._tokenizer = open_clip.get_tokenizer(spec.name)
+        try:  # the torch-free twin of the tokenizer, when the model uses the standard CLIP one (ids proven identical)
+            self.text_tokenizer: ClipTokenizer | None = from_open_clip(self._tokenizer)
+        except UnsupportedTokenizer:
+            self.text_tokenizer = None
         self.preprocess = PreprocessSpec.from_open_clip(net.visual.preprocess_cfg)
         self.dim = int(self.encode_texts(["a"]).shape[1])  # works for every tower type, costs one tiny forward
         self.pretrained_id = pretrained_id(spec)  # hashed once: the checkpoint does not change under a loaded model
@@ -160,7 +204,7 @@ class ClipModel:
         """(N, 3, H, W) float32 model input (see media.to_model_input) -> (N, dim) unit vectors."""
         torch = self._torch
         with torch.inference_mode():
-            pixels = torch.from_numpy(batch).to(self.device)
+            pixels = torch.from_numpy(batch).to(self.device, dtype=self._image_dtype)
             return self._normalise(self._net.encode_image(pixels))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -3,25 +3,30 @@ SQLite rows as `Hit`s and `CaptionHit`s.
 
 Filters become an allow-list of ids read from SQLite that FAISS searches within (an id selector), so a filtered search
 returns the true top k of the filtered set, never a post-filtered remainder of an unfiltered top k.
+
+An image part needs the image model only when its file is not indexed (by path, or by content fingerprint when it was
+copied or moved): a query process otherwise imports neither torch nor the image decoder.
 """
 from __future__ import annotations
 
 import calendar
 import os
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import media
-from .captions import CaptionHit
 from .errors import BadInput
-from .model import ClipModel
 from .query_syntax import Query
 from .store import Store
 from .vectors import VectorIndex
+
+if TYPE_CHECKING:  # pragma: no cover - imported where used: a text query needs neither
+    from .captions import CaptionHit
+    from .model import ClipModel
 
 TextEncoder = Callable[[list[str]], np.ndarray]
 
@@ -156,7 +161,8 @@ def to_hits(store: Store, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
 
 
 def image_vector(store: Store, image: str | int, model_loader: Callable[[], ClipModel]) -> tuple[np.ndarray, int | None]:
-    """The vector of an image: stored when it is indexed and unchanged (no model needed), else embedded now.
+    """The vector of an image: stored when it is indexed and unchanged, or when an indexed image has the same content
+    fingerprint (a copy, or the file moved since); embedded now otherwise (the only case that loads the model).
 
     Returns the vector and the indexed id of the image (so `similar` can leave the image itself out), if any."""
     if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
@@ -166,7 +172,10 @@ def image_vector(store: Store, image: str | int, model_loader: Callable[[], Clip
         return vector, int(image)
     path = os.path.abspath(os.path.expanduser(os.fspath(image)))
     row = store.row_by_path(path)
-    st = media.stat_or_none(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
     if row is not None and row["status"] == "ok" and st is not None and \
             (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
         vector = store.vector(row["id"])
@@ -174,8 +183,18 @@ def image_vector(store: Store, image: str | int, model_loader: Callable[[], Clip
             return vector, row["id"]
     if st is None:
         raise BadInput(f"image not found: {image}")
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):
         raise BadInput(f"not an image file: {image}")
+    from . import media
+
+    try:
+        same = store.rows_with_fingerprints([media.fingerprint(path)])
+    except OSError as exc:
+        raise BadInput(f"cannot read image {image}: {exc.strerror or exc}") from exc
+    for candidate in next(iter(same.values()), []):
+        vector = store.vector(candidate["id"])
+        if vector is not None:
+            return vector, candidate["id"]
     model = model_loader()
     try:
         decoded = media.load(path, model.preprocess)
@@ -219,6 +238,8 @@ def search_images(store: Store, vectors: VectorIndex, query: np.ndarray, k: int,
 def search_captions(store: Store, vectors: VectorIndex, query: np.ndarray, k: int, *,
                     collections: Sequence[str] = (), threshold: float | None = None) -> list[CaptionHit]:
     """The k captions nearest to `query`, optionally only from some collections, best first."""
+    from .captions import CaptionHit
+
     check_k(k)
     result = _search(vectors, query, k, store.caption_ids_where(collections), ())
     rows = store.caption_rows(result.ids.tolist())

@@ -237,10 +237,15 @@ def test_moved_checkpoint_is_found_again_by_content(tmp_path, tiny_checkpoint):
     clip("index", lib, "--index", idx, "--model", TINY_MODEL, "--pretrained", first, "--workers", "0")
     moved = tmp_path / "tiny-moved.pt"
     first.rename(moved)
-    message = clip("search", "a dog", "--index", idx, code=errors.ModelError.exit_code).stderr
+    assert len(as_json("search", "a dog", "--index", idx)) == 2  # text: the ONNX text tower, no checkpoint needed
+    from PIL import Image
+
+    new_image = tmp_path / "new.png"
+    Image.new("RGB", (40, 30), "red").save(new_image)  # not indexed: needs the image model, so the checkpoint
+    message = clip("similar", new_image, "--index", idx, code=errors.ModelError.exit_code).stderr
     assert "--pretrained NEW_LOCATION" in message
     assert clip("index", "--index", idx, "--pretrained", moved).stdout.startswith("0 embedded")
-    assert len(as_json("search", "a dog", "--index", idx)) == 2  # the new location is remembered
+    assert len(as_json("similar", new_image, "--index", idx)) == 2  # the new location is remembered
 
 
 def test_mixed_formats_hidden_folders_and_symlinks(tmp_path, tiny_checkpoint):

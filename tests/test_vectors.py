@@ -66,3 +66,176 @@ def test_damaged_file_is_detected(tmp_path, damage):
         path.write_bytes(data[:20] + b"{not json" + data[29:])
     with pytest.raises(VectorFileError):
         VectorIndex.load(path)
+
+
+# the plan policy and the compressed kind --------------------------------------------------------------------------
+import shutil  # noqa: E402
+
+import clipsearch  # noqa: E402
+from clipsearch import vectors as vector_room  # noqa: E402
+from clipsearch.vectors import FLAT, PQ_REFINE, Plan, choose_plan, read_header  # noqa: E402
+from conftest import TINY_MODEL, shared  # noqa: E402
+
+
+def brute_top(vecs: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, allowed=None) -> list[int]:
+    keep = np.ones(len(ids), bool) if allowed is None else np.isin(ids, allowed)
+    scores = vecs[keep] @ query
+    return ids[keep][np.argsort(-scores)[:k]].tolist()
+
+
+def pq_index(n: int = 3000, dim: int = 32, seed: int = 0, **plan) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    vecs = unit(n, dim, seed)
+    ids = np.arange(1, n + 1, dtype=np.int64) * 2
+    return VectorIndex.build(dim, ids, vecs, generation=3, flat_max=100, **plan), ids, vecs
+
+
+def test_plan_is_exact_while_small_then_compressed_within_budget():
+    assert choose_plan(100_000, 512, flat_max=100_000).kind == FLAT
+    large = choose_plan(100_001, 512, flat_max=100_000)
+    assert (large.kind, large.pq_m, large.refine) == (PQ_REFINE, 256, "fp16")
+    assert choose_plan(1_000_000, 512).memory(1_000_000, 512) <= vector_room.MEMORY_BUDGET
+    # fp16 copies of 1M x 512-d do not fit 800 MB: 8-bit copies do
+    assert choose_plan(1_000_000, 512, memory_budget=800_000_000).refine == "sq8"
+    # float32 copies over the budget are not kept even below the size threshold
+    assert choose_plan(50_000, 512, memory_budget=50_000_000, flat_max=100_000).kind == PQ_REFINE
+    assert choose_plan(10, 12, flat_max=5).pq_m == 6  # half the dimensions, dividing them
+
+
+def test_module_limits_are_read_at_call_time(monkeypatch):
+    monkeypatch.setattr(vector_room, "FLAT_MAX", 10)
+    assert choose_plan(11, 16).kind == PQ_REFINE and choose_plan(10, 16).kind == FLAT
+
+
+def test_compressed_index_has_high_recall_and_exact_scores_for_its_hits():
+    index, ids, vecs = pq_index()
+    assert index.kind == PQ_REFINE and index.lossy and index.ntotal == 3000
+    queries = unit(30, 32, seed=11)
+    hits = 0
+    for q in queries:
+        result = index.search(q, 10)
+        truth = brute_top(vecs, ids, q, 10)
+        hits += len(set(result.ids.tolist()) & set(truth))
+        rows = result.ids // 2 - 1
+        assert np.allclose(result.scores, vecs[rows] @ q, atol=2e-3)  # re-scored from the fp16 copy
+        assert list(result.scores) == sorted(result.scores, reverse=True)
+    assert hits / (10 * len(queries)) >= 0.95
+
+
+def test_compressed_round_trip_keeps_plan_results_and_vectors(tmp_path):
+    index, ids, vecs = pq_index(n=1000, dim=16)
+    path = tmp_path / "images.faiss"
+    index.save(path)
+    header = read_header(path)
+    assert header["kind"] == PQ_REFINE and header["plan"]["refine"] == "fp16" and header["ntotal"] == 1000
+    loaded = VectorIndex.load(path)
+    assert loaded.plan == index.plan and loaded.generation == 3 and loaded.trained_n == 1000
+    assert np.array_equal(np.sort(loaded.ids()), ids)
+    q = unit(1, 16, seed=5)[0]
+    assert loaded.search(q, 10).ids.tolist() == index.search(q, 10).ids.tolist()
+    got = loaded.reconstruct_batch(ids)
+    assert np.abs(got - vecs).max() <= loaded.tolerance
+    with pytest.raises(KeyError):
+        loaded.reconstruct(1)  # odd ids were never added
+
+
+def test_sq8_copy_is_within_its_tolerance():
+    vecs = unit(2000, 32)
+    ids = np.arange(2000)
+    plan = Plan(PQ_REFINE, 16, "sq8", 2, 1.0)
+    index = VectorIndex.build(32, ids, vecs, 1, plan)
+    assert index.plan.refine == "sq8"
+    assert np.abs(index.reconstruct_batch(ids) - vecs).max() <= index.tolerance
+    q = vecs[7]
+    assert index.search(q, 1).ids.tolist() == [7]
+
+
+def test_compressed_add_remove_and_replace(tmp_path):
+    index, ids, vecs = pq_index(n=2000, dim=16)
+    gone = ids[:400]  # past the compaction fraction: the re-ranking copy is compacted in place
+    index.remove(gone)
+    assert index.ntotal == 1600 and not set(gone.tolist()) & set(index.ids().tolist())
+    for q in vecs[:20]:
+        assert not set(index.search(q, 10).ids.tolist()) & set(gone.tolist())
+    new = unit(5, 16, seed=99)
+    index.add(np.array([10_001, 10_002, 10_003, 10_004, 10_005]), new)
+    assert index.search(new[2], 1).ids.tolist() == [10_003]
+    index.add(np.array([10_003]), new[4:5])  # an id added again gets the new vector
+    assert index.ntotal == 1605 and np.abs(index.reconstruct(10_003) - new[4]).max() <= index.tolerance
+    path = tmp_path / "v.faiss"
+    index.save(path)
+    loaded = VectorIndex.load(path)
+    assert loaded.ntotal == 1605 and loaded.search(new[0], 1).ids.tolist() == [10_001]
+
+
+@pytest.mark.parametrize("size", [3, 25, 300, 1500])
+def test_flat_filtered_search_is_exactly_the_filtered_brute_force(size):
+    vecs = unit(3000, 16, seed=2)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    index = VectorIndex.build(16, ids, vecs, 1)
+    allowed = np.random.default_rng(size).choice(ids, size, replace=False)
+    for q in unit(5, 16, seed=size):
+        assert index.search(q, 10, allowed).ids.tolist() == brute_top(vecs, ids, q, 10, allowed)
+
+
+@pytest.mark.parametrize("size", [3, 40, 1500])
+def test_compressed_filtered_search_never_leaves_the_filter(size):
+    index, ids, vecs = pq_index(n=3000, dim=32, seed=4)
+    allowed = np.random.default_rng(size).choice(ids, size, replace=False)
+    hits = 0
+    queries = unit(10, 32, seed=size + 1)
+    for q in queries:
+        result = index.search(q, 10, allowed)
+        assert set(result.ids.tolist()) <= set(allowed.tolist()) and len(result.ids) == min(10, size)
+        hits += len(set(result.ids.tolist()) & set(brute_top(vecs, ids, q, 10, allowed)))
+    recall = hits / (min(10, size) * len(queries))
+    # small filters are scored id by id from the fp16 copy: exact up to fp16 ties
+    assert recall >= (0.99 if size <= 40 else 0.9)
+
+
+def test_needs_rebuild_across_thresholds():
+    vecs = unit(400, 16)
+    flat = VectorIndex.build(16, np.arange(300), vecs[:300], 1, flat_max=350)
+    assert flat.kind == FLAT and not flat.needs_rebuild(flat_max=350)
+    flat.add(np.arange(300, 400), vecs[300:])
+    assert flat.needs_rebuild(flat_max=350)  # 400 > 350: compress
+    compressed = VectorIndex.build(16, np.arange(400), vecs, 1, flat_max=350)
+    assert compressed.kind == PQ_REFINE and compressed.trained_n == 400
+    assert not compressed.needs_rebuild(flat_max=350)
+    assert not compressed.needs_rebuild(300, flat_max=350)  # hysteresis: not back to flat just under the line
+    assert compressed.needs_rebuild(170, flat_max=350)      # well under it: exact again
+    assert compressed.needs_rebuild(1601, flat_max=350)     # outgrew what its codes were trained on
+
+
+def test_index_replans_verifies_and_filters_a_compressed_index(tmp_path, tiny_checkpoint, monkeypatch):
+    """Through the library: the plan follows N (rebuilt when N crosses the line), is recorded in the file, verify
+    accepts the compressed copy within tolerance and catches a wrong one, filters still hold."""
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "b").mkdir()
+    for n, source in enumerate(sorted(shared("photos", "exif-samples").glob("*.jpg"))[:8]):
+        shutil.copy2(source, photos / ("a" if n % 2 else "b") / source.name)
+    idx = clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint))
+    idx.index([photos], workers=0)
+    assert idx.vectors().kind == FLAT and read_header(idx.faiss_path)["kind"] == FLAT
+    idx.close()
+
+    monkeypatch.setattr(vector_room, "FLAT_MAX", 4)
+    idx = clipsearch.open(tmp_path / "idx")
+    assert idx.vectors().kind == PQ_REFINE
+    assert any("call for another index type than flat-ip" in n for n in idx.notices)
+    assert read_header(idx.faiss_path)["kind"] == PQ_REFINE
+    report = idx.verify()
+    assert report.ok and report.checked == 8, report.problems
+    under_a = idx.search("a photo", k=8, under=str(photos / "a"))
+    assert len(under_a) == 4 and all(h.path.startswith(str(photos / "a")) for h in under_a)
+
+    vectors = idx.vectors()
+    victim = int(np.sort(vectors.ids())[0])
+    wrong = vectors.reconstruct(victim) + 0.05
+    vectors.add(np.array([victim]), (wrong / np.linalg.norm(wrong))[None])
+    vectors.save(idx.faiss_path)
+    idx.close()
+    again = clipsearch.open(tmp_path / "idx")
+    report = again.verify()
+    assert not report.ok and "pq-refine allows" in report.problems[0]
+    again.close()

@@ -1,0 +1,369 @@
+"""The text tower as an ONNX file, so a text query runs with onnxruntime and never imports torch or open_clip.
+
+`export_text_tower` (index time, torch loaded anyway) writes ``<name>.onnx`` plus its weights in ``<name>.onnx.<tag>.data``;
+the graph takes int64 tokens [batch, length] and returns L2-normalised float32 features [batch, dim]. Weights live in a
+separate file because onnxruntime loads external weights fast (ViT-B-32: 0.1-0.2 s) but parses and copies weights
+embedded in the protobuf (1.7-2.2 s, both on a busy 2-core machine). The metadata records the model identity, context length and tokenizer, so a caller can refuse
+a file that belongs to another model.
+
+When the text tower is the usual causal transformer pooled at the EOT token, the graph also accepts fewer positions than
+the context: every position only attends to earlier ones, so cutting the padding after the longest text's EOT changes no
+output, and a short query costs a few positions instead of 77.
+
+`OnnxTextEncoder` (query time) tokenizes with `clipsearch.tokenizer` and runs the file; importing this module and building
+the encoder imports numpy and onnxruntime only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError, ModelMismatch
+from .tokenizer import ClipTokenizer, from_open_clip
+
+__all__ = ["FORMAT_VERSION", "OnnxTextEncoder", "export_text_tower", "read_metadata"]
+
+FORMAT_VERSION = "1"
+_PREFIX = "clipsearch."
+_OPSET = 17
+_TRIM_CHECK_COSINE = 0.99999  # the trimmed graph must reproduce open_clip's encode_text before we rely on it
+_FILE_CHECK_COSINE = 0.9999  # the written file, run by onnxruntime, against torch's output (float32 both)
+
+
+# ------------------------------------------------------------------------------------------------------------ export
+
+
+def _trimmable(net: Any) -> bool:
+    """Whether the text tower is open_clip's CLIP text transformer with a causal mask and EOT pooling."""
+    import torch
+
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_pool_type")
+    if hasattr(net, "text") or not all(hasattr(net, name) for name in needed):
+        return False  # CustomTextCLIP (net.text) or something else: export open_clip's encode_text as it is
+    mask = net.attn_mask
+    if mask is None or getattr(net, "text_pool_type", "") not in ("argmax", "eos"):
+        return False
+    causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.equal(torch.isneginf(mask), causal))
+
+
+def _traceable_attention(mha: Any) -> Any:
+    """torch's MultiheadAttention as open_clip calls it (self-attention, additive mask, no weights returned), written
+    with shape-agnostic ops: traced, torch's own version bakes the example's sequence length into its reshapes."""
+    import torch
+    import torch.nn.functional as F
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = mha  # shares the parameters, copies nothing
+
+        def forward(self, q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, need_weights: bool = False,
+                    attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+            x = q_x if mha.batch_first else q_x.transpose(0, 1)  # [batch, length, width]
+            qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+            q, k, v = qkv.unflatten(-1, (3, mha.num_heads, mha.head_dim)).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).flatten(2)
+            out = mha.out_proj(out)
+            return (out if mha.batch_first else out.transpose(0, 1)), None
+
+    return Attention()
+
+
+@contextlib.contextmanager
+def _traceable(net: Any) -> Iterator[bool]:
+    """Swap the text transformer's attention modules for traceable twins for the duration (restored after);
+    yields False, swapping nothing, when some block is not the plain self-attention this covers."""
+    import torch
+
+    blocks = list(getattr(net.transformer, "resblocks", []))
+    plain = blocks and all(
+        isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) and b.attn._qkv_same_embed_dim
+        and b.attn.in_proj_bias is not None and b.attn.bias_k is None and not b.attn.add_zero_attn
+        and not hasattr(b, "ln_1_kv")
+        for b in blocks
+    )
+    if not plain:
+        yield False
+        return
+    originals = [b.attn for b in blocks]
+    try:
+        for block in blocks:
+            block.attn = _traceable_attention(block.attn)
+        yield True
+    finally:
+        for block, attn in zip(blocks, originals):
+            block.attn = attn
+
+
+def _text_graph(net: Any, trim: bool) -> Any:
+    """A torch module tokens -> unit text features: open_clip's CLIP.encode_text, sliced to the tokens' length if trim."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    class TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            if trim:  # CLIP.encode_text with the position embedding and causal mask cut to the tokens' length
+                n = tokens.shape[1]
+                cast = net.transformer.get_cast_dtype()
+                x = net.token_embedding(tokens).to(cast) + net.positional_embedding[:n].to(cast)
+                x = net.ln_final(net.transformer(x, attn_mask=net.attn_mask[:n, :n]))
+                x = text_global_pool(x, tokens, net.text_pool_type, eos_token_id=getattr(net, "text_eos_id", None))
+                if isinstance(net.text_projection, torch.nn.Linear):
+                    x = net.text_projection(x)
+                elif net.text_projection is not None:
+                    x = x @ net.text_projection
+            else:
+                x = net.encode_text(tokens)
+            x = x.float()
+            return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    return TextTower().eval()
+
+
+def _reproduces(graph: Any, reference: Any, tokens: Any) -> bool:
+    """The trimmed graph, on full and on cut tokens, gives open_clip's own encode_text output ``reference`` (guards
+    against open_clip's internals changing under us)."""
+    import torch
+
+    with torch.inference_mode():
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        for candidate in (graph(tokens), graph(tokens[:, :length])):
+            if float((candidate * reference).sum(dim=-1).min()) < _TRIM_CHECK_COSINE:
+                return False
+    return True
+
+
+def _torch_export(graph: Any, tokens: Any, path: Path, trim: bool, dynamo: bool) -> None:
+    import torch
+
+    if dynamo:
+        batch = torch.export.Dim("batch")
+        shapes = {0: batch, 1: torch.export.Dim("length", max=tokens.shape[1])} if trim else {0: batch}
+        program = torch.onnx.export(graph, (tokens,), dynamo=True, input_names=["tokens"], output_names=["features"],
+                                    dynamic_shapes={"tokens": shapes}, opset_version=18, verbose=False)
+        program.save(str(path), external_data=False)
+        return
+    axes = {"tokens": {0: "batch", 1: "length"} if trim else {0: "batch"}, "features": {0: "batch"}}
+    if trim:  # trace on the tokens cut after the last EOT: the length axis is dynamic, and the trace costs less
+        tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+    torch.onnx.export(graph, (tokens,), str(path), dynamo=False, input_names=["tokens"], output_names=["features"],
+                      dynamic_axes=axes, opset_version=_OPSET, do_constant_folding=True)
+
+
+def export_text_tower(clip_model: Any, path: str | os.PathLike, *, dynamo: bool | None = None) -> Path:
+    """Write the text tower of a loaded `clipsearch.model.ClipModel` to ``path`` (ONNX) and its weights beside it.
+
+    The write is atomic: the weights go to a new uniquely named file, the graph to a temporary name renamed over
+    ``path``, and only then are the previous weight files removed. Raises UnsupportedTokenizer when the model's
+    tokenizer has no torch-free twin (such a file could not be used), ModelError when export fails.
+    ``dynamo`` picks torch's exporter: None uses the TorchScript one (several times faster) and falls back to
+    torch.export when it fails (torch deprecated it in 2.9 and may remove it). Before it is committed, the file is run
+    with onnxruntime and must give torch's output (cosine >= 0.9999), else ModelError.
+    """
+    import torch
+
+    net = clip_model._net
+    tokenizer = from_open_clip(clip_model._tokenizer)
+    tokens = torch.from_numpy(tokenizer(["a photo of a dog on the beach", "a cat", ""])).to(clip_model.device)
+    threads = torch.get_num_threads()
+    # A few small forwards and a trace: on busy shared cores, OpenMP threads waiting for each other made them ~10x
+    # slower than one thread (tiny model: 1.6 s of linear layers instead of a few ms).
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            reference = _text_graph(net, trim=False)(tokens)
+        dim, path = int(reference.shape[1]), Path(path)
+        with _traceable(net) as traceable:
+            trim = traceable and _trimmable(net) and _reproduces(_text_graph(net, trim=True), reference, tokens)
+            if trim:
+                _write(clip_model, _text_graph(net, trim=True), tokenizer, tokens, reference, path, True, dim, dynamo)
+        if not trim:  # open_clip's encode_text as it is, full context
+            _write(clip_model, _text_graph(net, trim=False), tokenizer, tokens, reference, path, False, dim, dynamo)
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+def _check_file(path: Path, tokens: np.ndarray, reference: np.ndarray, trim: bool) -> None:
+    """Run the written file with onnxruntime, on full and (when trimmed) cut tokens, against torch's own output:
+    a file that would answer differently from the torch path is never committed."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), _session_options(1, long_lived=False), providers=["CPUExecutionProvider"])
+    length = int(tokens.argmax(axis=1).max()) + 1
+    for candidate in [tokens, tokens[:, :length]] if trim else [tokens]:
+        got = session.run(None, {"tokens": np.ascontiguousarray(candidate)})[0]
+        worst = float((got * reference).sum(axis=1).min())
+        if not worst >= _FILE_CHECK_COSINE:
+            raise ModelError(f"the exported text tower disagrees with torch (cosine {worst:.5f})")
+
+
+def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, reference: Any, path: Path, trim: bool,
+           dim: int, dynamo: bool | None) -> None:
+    """Export, add the metadata, check, and write graph + weights atomically (see export_text_tower)."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(4)
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    data = path.with_name(f"{path.name}.{tag}.data")
+    try:
+        # The exporter's own output goes to a scratch folder: for models over 2 GB it writes one file per tensor.
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+            raw = Path(scratch) / "export.onnx"
+            errors: list[str] = []
+            for use_dynamo in [False, True] if dynamo is None else [dynamo]:
+                try:
+                    with warnings.catch_warnings():  # deprecation and indexing notes that do not apply here
+                        warnings.simplefilter("ignore")
+                        _torch_export(graph, tokens, raw, trim, use_dynamo)
+                    break
+                except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other, then report both
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    errors.append(f"{'torch.export' if use_dynamo else 'torchscript'}: {first[:200]}")
+            else:
+                raise ModelError(f"cannot export the text tower of {clip_model.spec.name} to ONNX: {'; '.join(errors)}")
+            proto = onnx.load(str(raw))
+        meta = {
+            "format": FORMAT_VERSION,
+            "identity": clip_model.identity,
+            "context_length": str(tokenizer.context_length),
+            "tokenizer": "clip-bpe",
+            "vocab_size": str(tokenizer.vocab_size),
+            "dim": str(dim),
+            "trim": "1" if trim else "0",
+            "normalized": "1",
+        }
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            proto.metadata_props.add(key=_PREFIX + key, value=value)
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        os.chmod(data, os.stat(tmp).st_mode & 0o777)  # onnx creates it private; give it the graph's (umask) mode
+        _check_file(tmp, tokens.cpu().numpy(), reference.float().cpu().numpy(), trim)
+        for written in (data, tmp):
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # the commit point: the graph names its own weights file
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+        raise
+    for old in path.parent.glob(f"{path.name}.*.data"):
+        if old != data:
+            old.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------------------- query
+
+
+def _session_options(threads: int | None, long_lived: bool) -> Any:
+    """Options for a one-shot CLI query (fast load) or a long-lived process (fast runs).
+
+    Measured on ViT-B-32, 2 busy cores: full graph optimisation + weight prepacking load in 0.5-0.8 s and run a query in
+    ~35 ms; basic optimisation without prepacking loads in 0.12-0.2 s and runs a query in ~60 ms. A new process per
+    query pays load + one run, so it wants the second; a server answering many queries wants the first.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if long_lived:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    else:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.intra_op_num_threads = threads or min(4, _usable_cores())
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not burn shared cores between runs
+    options.log_severity_level = 3
+    return options
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def read_metadata(session: Any) -> dict[str, str]:
+    """The clipsearch.* metadata of a loaded onnxruntime session, without the prefix."""
+    props = session.get_modelmeta().custom_metadata_map
+    return {key[len(_PREFIX):]: value for key, value in props.items() if key.startswith(_PREFIX)}
+
+
+class OnnxTextEncoder:
+    """Texts -> (N, dim) unit float32 vectors with onnxruntime and the torch-free tokenizer.
+
+    ``identity`` (the ClipModel identity the index expects) makes a file of another model a ModelMismatch; a missing,
+    damaged or foreign file is a ModelError. ``context_length`` defaults to the one recorded at export. ``long_lived``
+    trades a slower load for faster queries (a server); ``threads`` defaults to the usable cores, at most 4.
+    """
+
+    def __init__(self, path: str | os.PathLike, context_length: int | None = None, *, identity: str | None = None,
+                 threads: int | None = None, long_lived: bool = False) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"text encoder file not found: {self.path}")
+        try:
+            self._session = ort.InferenceSession(str(self.path), _session_options(threads, long_lived),
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types for bad files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load text encoder {self.path}: {first[:300]}") from exc
+        meta = read_metadata(self._session)
+        if meta.get("format") != FORMAT_VERSION or meta.get("tokenizer") != "clip-bpe":
+            raise ModelError(f"{self.path} is not a clipsearch text encoder (format {meta.get('format')!r})")
+        self.identity = meta.get("identity", "")
+        if identity is not None and identity != self.identity:
+            raise ModelMismatch(f"text encoder {self.path} belongs to another model than this index")
+        recorded = int(meta["context_length"])
+        if context_length is not None and int(context_length) != recorded:
+            raise ModelMismatch(f"text encoder {self.path} has context length {recorded}, not {context_length}")
+        self.context_length = recorded
+        self.dim = int(meta["dim"])
+        self._trim = meta.get("trim") == "1"
+        self.tokenizer = ClipTokenizer(recorded)
+        if self.tokenizer.vocab_size != int(meta.get("vocab_size", self.tokenizer.vocab_size)):
+            raise ModelError(f"{self.path} was exported with another vocabulary than open_clip's installed one")
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, context_length) int64 tokens -> (N, dim) unit vectors; padding after the last EOT is cut when allowed."""
+        if self._trim and len(tokens):
+            tokens = tokens[:, : int(tokens.argmax(axis=1).max()) + 1]  # EOT has the largest id, as open_clip assumes
+        out = self._session.run(None, {"tokens": np.ascontiguousarray(tokens, dtype=np.int64)})[0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, dim) unit vectors; texts longer than the context are truncated like open_clip does."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return self.encode_tokens(self.tokenizer(texts))

@@ -1,0 +1,165 @@
+"""The ONNX text tower: same vectors as the torch path, no torch on the query side, refuses files of other models."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clipsearch import text_onnx
+from clipsearch.errors import ModelError, ModelMismatch
+from clipsearch.model import ClipModel, ModelSpec
+from clipsearch.text_onnx import OnnxTextEncoder, export_text_tower
+from clipsearch.tokenizer import UnsupportedTokenizer
+from conftest import TINY_MODEL
+
+WORDS = ("a an the dog cat child kids beach sunset red blue bicycle mountain snow two three playing running on in at "
+         "with near under man woman street city night photo of café 東京 🐶 &amp; it's don't 42 3.5").split()
+
+
+def sample_texts(n: int, seed: int = 0) -> list[str]:
+    """Short queries, caption-like sentences, empty and overlong texts, unicode and html entities."""
+    rng = random.Random(seed)
+    texts = ["", "a", "a dog", "x " * 120, "kids on a beach at sunset", "<start_of_text> <end_of_text>"]
+    while len(texts) < n:
+        texts.append(" ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 4, 8, 15, 30, 90]))))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    return ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model, tmp_path_factory):
+    return export_text_tower(tiny_model, tmp_path_factory.mktemp("onnx") / "text.onnx")
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum(axis=1).min())
+
+
+def test_onnx_vectors_equal_torch_vectors(tiny_model, tiny_onnx):
+    encoder = OnnxTextEncoder(tiny_onnx, identity=tiny_model.identity)
+    texts = sample_texts(300)
+    got = encoder.encode_texts(texts)
+    assert got.dtype == np.float32 and got.shape == (300, tiny_model.dim) and encoder.dim == tiny_model.dim
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert min_cosine(got, tiny_model.encode_texts(texts)) >= 0.999
+    assert encoder.context_length == 77 and encoder.identity == tiny_model.identity
+
+
+def test_padding_is_cut_and_batches_equal_single_texts(tiny_model, tiny_onnx):
+    """The trimmed graph runs short texts on a few positions; batched with a long text, each row is the same."""
+    encoder = OnnxTextEncoder(tiny_onnx)
+    assert encoder._trim
+    texts = ["a dog", "x " * 120, "two cats on a red sofa"]
+    batched = encoder.encode_texts(texts)
+    single = np.concatenate([encoder.encode_texts([t]) for t in texts])
+    assert min_cosine(batched, single) >= 0.99999
+    assert encoder.encode_texts([]).shape == (0, tiny_model.dim)
+    server_side = OnnxTextEncoder(tiny_onnx, long_lived=True, threads=1)  # other session options, same vectors
+    assert min_cosine(server_side.encode_texts(texts), batched) >= 0.99999
+
+
+def test_untrimmed_export_when_the_tower_is_not_plain(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(text_onnx, "_trimmable", lambda net: False)
+    path = export_text_tower(tiny_model, tmp_path / "full.onnx")
+    encoder = OnnxTextEncoder(path)
+    assert not encoder._trim
+    texts = sample_texts(40, seed=1)
+    assert min_cosine(encoder.encode_texts(texts), tiny_model.encode_texts(texts)) >= 0.999
+
+
+def test_export_leaves_the_live_model_untouched(tiny_model, tiny_onnx):
+    import torch
+
+    assert all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in tiny_model._net.transformer.resblocks)
+
+
+def test_query_side_imports_no_torch(tiny_model, tiny_onnx):
+    code = (
+        "import json, sys; from clipsearch.text_onnx import OnnxTextEncoder; "
+        f"e = OnnxTextEncoder({str(tiny_onnx)!r}); v = e.encode_texts(['a dog', 'café &amp; 🐶 東京']); "
+        "print(json.dumps({'torch': [m for m in ('torch', 'open_clip', 'onnx') if m in sys.modules], 'v': v.tolist()}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["torch"] == []
+    assert min_cosine(np.array(out["v"], np.float32), tiny_model.encode_texts(["a dog", "café &amp; 🐶 東京"])) >= 0.999
+
+
+def test_a_file_of_another_model_is_refused(tiny_model, tiny_onnx):
+    other = json.dumps({**json.loads(tiny_model.identity), "pretrained": "file:other"}, sort_keys=True)
+    with pytest.raises(ModelMismatch, match="another model"):
+        OnnxTextEncoder(tiny_onnx, identity=other)
+    with pytest.raises(ModelMismatch, match="context length"):
+        OnnxTextEncoder(tiny_onnx, context_length=64)
+    assert OnnxTextEncoder(tiny_onnx, context_length=77, identity=tiny_model.identity).dim == tiny_model.dim
+
+
+def test_missing_damaged_or_foreign_files_are_model_errors(tiny_onnx, tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        OnnxTextEncoder(tmp_path / "nope.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not an onnx file" * 100)
+    with pytest.raises(ModelError, match="cannot load"):
+        OnnxTextEncoder(garbage)
+    import onnx
+
+    foreign = tmp_path / "foreign.onnx"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["tokens"], ["features"])], "g",
+                                   [onnx.helper.make_tensor_value_info("tokens", onnx.TensorProto.INT64, [1, 77])],
+                                   [onnx.helper.make_tensor_value_info("features", onnx.TensorProto.INT64, [1, 77])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(ModelError, match="not a clipsearch text encoder"):
+        OnnxTextEncoder(foreign)
+
+
+def test_export_again_replaces_the_weights_file_atomically(tiny_model, tmp_path):
+    path = tmp_path / "text.onnx"
+    export_text_tower(tiny_model, path)
+    first = {p.name for p in tmp_path.iterdir()}
+    export_text_tower(tiny_model, path)
+    second = {p.name for p in tmp_path.iterdir()}
+    assert len(first) == len(second) == 2 and first != second  # graph + one weights file, a new one each time
+    assert "text.onnx" in second and OnnxTextEncoder(path).encode_texts(["a dog"]).shape == (1, tiny_model.dim)
+    assert os.stat(path).st_mode & 0o777 == os.stat(next(tmp_path.glob("text.onnx.*.data"))).st_mode & 0o777
+
+
+def test_export_refuses_a_tokenizer_without_torch_free_twin(tiny_model, tmp_path, monkeypatch):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    monkeypatch.setattr(tiny_model, "_tokenizer", SimpleTokenizer(clean="canonicalize"))
+    with pytest.raises(UnsupportedTokenizer):
+        export_text_tower(tiny_model, tmp_path / "text.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_torch_export_exporter_gives_the_same_vectors(tiny_model, tmp_path):
+    """The fallback exporter (torch.export / dynamo), used when the TorchScript one is unavailable."""
+    encoder = OnnxTextEncoder(export_text_tower(tiny_model, tmp_path / "text.onnx", dynamo=True))
+    assert encoder._trim
+    texts = sample_texts(60, seed=2)
+    assert min_cosine(encoder.encode_texts(texts), tiny_model.encode_texts(texts)) >= 0.999
+
+
+@pytest.mark.slow
+def test_random_init_vit_b_32(vitb32_random, tmp_path):
+    import torch
+
+    net, _ = vitb32_random
+    checkpoint = tmp_path / "vit-b-32.pt"
+    torch.save(net.state_dict(), checkpoint)
+    model = ClipModel(ModelSpec("ViT-B-32", str(checkpoint)), device="cpu", precision="fp32")
+    encoder = OnnxTextEncoder(export_text_tower(model, tmp_path / "text.onnx"), identity=model.identity)
+    assert encoder._trim and encoder.dim == 512
+    texts = sample_texts(100, seed=3)
+    assert min_cosine(encoder.encode_texts(texts), model.encode_texts(texts)) >= 0.999
