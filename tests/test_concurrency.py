@@ -166,9 +166,6 @@ def test_a_killed_writer_does_not_leave_the_index_locked(tmp_path, launcher, tin
         assert index.verify().ok and index.info()["images"] == 14
 
 
-@pytest.mark.xfail(strict=True, reason="a reader saving a rebuilt FAISS file takes the writers' lock, so an `index` "
-                                       "started meanwhile is refused as busy; fix (/tmp/patch_d_index.diff): readers "
-                                       "and writers serialise FAISS saves on their own lock file, save.lock")
 def test_a_search_that_saves_faiss_does_not_make_index_busy(tmp_path, launcher, tiny_checkpoint):
     lib, idx = tmp_path / "lib", tmp_path / "idx"
     build(lib, idx, tiny_checkpoint, 6)

@@ -78,8 +78,6 @@ def test_a_killed_run_leaves_no_decode_worker_running(tmp_path, launcher, tiny_c
     assert harness.tagged_processes(tag) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a kill during the FAISS save leaves images.faiss.*.tmp behind for good; fix: "
-                                       "Index.index removes stale temp files while it holds the write lock")
 def test_a_kill_during_the_faiss_save_leaves_no_temp_file_behind(tmp_path, launcher, tiny_checkpoint):
     folder = small_folder(tmp_path / "lib", 4)
     args = ["index", folder, "--index", tmp_path / "idx", "--workers", "0"]

@@ -76,12 +76,7 @@ FAISS_DAMAGE = {
 }
 
 
-HEADER_KEY_MISSING = pytest.mark.xfail(strict=True, reason="VectorIndex.load reads header['generation'] outside its "
-                                       "try block, so a header without it is a KeyError (exit 70), not a rebuild")
-
-
-@pytest.mark.parametrize("damage", [pytest.param(name, marks=HEADER_KEY_MISSING) if name == "header-key-garbled"
-                                    else name for name in sorted(FAISS_DAMAGE)])
+@pytest.mark.parametrize("damage", sorted(FAISS_DAMAGE))
 def test_damaged_faiss_is_rebuilt_from_sqlite_with_one_line(idx, damage):
     image = probe(idx)
     code, lines, expected = clip("similar", image, "--index", idx, "--json")
@@ -182,12 +177,6 @@ def test_verify_reports_sqlite_damage_in_one_line(idx):
     assert code == errors.VerifyFailed.exit_code and len(lines) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="on some damage PRAGMA quick_check raises instead of reporting, and every "
-                                       "command that reads the page dies with 'internal error: DatabaseError' (exit 70); "
-                                       "fix (Store.integrity_problems already turns the DatabaseError into a problem): "
-                                       "Index.verify stops after integrity problems, and cli.Cli.invoke maps "
-                                       "sqlite3.DatabaseError to NotAnIndex's exit code with 'the index database is "
-                                       "damaged (...)'")
 @pytest.mark.parametrize("command, code", [(["verify"], errors.VerifyFailed.exit_code),
                                            (["search", "dog"], errors.NotAnIndex.exit_code)])
 def test_damage_that_stops_quick_check_is_still_a_clear_error(idx, command, code):

@@ -427,7 +427,9 @@ def test_decompression_bombs_are_errors_and_memory_stays_flat(run, tmp_path):
     assert found[str(bombs / "bomb.gif")] == "too large: 4294836225 pixels"
     assert found[str(bombs / "bomb.jpg")].startswith(("too large", "corrupt JPEG", "truncated JPEG"))
     print(f"peak RSS growth: {plain_growth:.1f} MiB for 3 images, {bomb_growth:.1f} MiB for 3 images and the bombs")
-    assert bomb_growth < plain_growth + 64, (plain_growth, bomb_growth)  # the smallest bomb would need 7 GiB
+    # The smallest bomb would need 7 GiB. The JPEG one may be draft-decoded at 1/8 scale (8192x8192, under
+    # media.MAX_PIXELS) before it proves truncated: up to ~200 MiB, depending on how much of that buffer gets touched.
+    assert bomb_growth < plain_growth + 400, (plain_growth, bomb_growth)
 
 
 # --------------------------------------------------------------------------------- files rewritten while being read
