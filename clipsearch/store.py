@@ -299,10 +299,10 @@ class Store:
         where, params = ["status = 'ok'"], []
         if under:
             alternatives = []
-            for folder in under:
-                prefix = folder.rstrip("/") + "/"
-                alternatives.append("(path = ? OR substr(path, 1, ?) = ?)")
-                params += [folder, len(prefix), prefix]
+            for folder in under:  # a range on the path index: '/' + 1 is '0', so [F/, F0) holds exactly F/...
+                folder = folder.rstrip("/")
+                alternatives.append("(path = ? OR (path >= ? AND path < ?))")
+                params += [folder, folder + "/", folder + "0"]
             where.append("(" + " OR ".join(alternatives) + ")")
         when = "coalesce(taken, strftime('%Y-%m-%dT%H:%M:%S', mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
         if after:
