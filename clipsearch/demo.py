@@ -42,7 +42,7 @@ def run(out: Path, checkpoint: Path = CHECKPOINT, n: int = 300, seed: int = 1,
                               f"--out {checkpoint})")
     started = time.perf_counter()
     jsonl, made = _world(out / "world", n, seed)
-    records = {str(Path(r["path"]).resolve()): r for r in world.read_captions(jsonl)}
+    records = {str(Path(r["path"]).resolve()): r for r in world.read_records(jsonl)}
     say(f"{'generated' if made else 'using the'} {len(records)} captioned pictures in {jsonl.parent} "
         f"({time.perf_counter() - started:.1f} s)")
     with Index(out / "index", model=MODEL, pretrained=str(checkpoint)) as idx:
@@ -50,11 +50,10 @@ def run(out: Path, checkpoint: Path = CHECKPOINT, n: int = 300, seed: int = 1,
         captions = idx.add_captions(jsonl, collection=COLLECTION)
         say(f"indexed {report.added} new pictures and {captions.added} new captions into {idx.path} "
             f"({time.perf_counter() - started:.1f} s so far)\n")
-        truth = lambda path: _truth(records, path)  # noqa: E731 - a one-line lookup
         for text in TEXT_QUERIES:
             say(f'text -> image: "{text}"')
             for hit in idx.search(text, k=3):
-                say(f"   {hit.score:.3f}  {_short(hit.path)}  which shows: {truth(hit.path)}")
+                say(f"   {hit.score:.3f}  {_short(hit.path)}  which shows: {_truth(records, hit.path)}")
         held_out = [r for r in records.values() if r["held_out"] and r["kind"] == "single"][:2]
         for rec in held_out:
             say(f"\nimage -> caption: {_short(rec['path'])}, which shows: {rec['captions'][0]}")
@@ -64,7 +63,7 @@ def run(out: Path, checkpoint: Path = CHECKPOINT, n: int = 300, seed: int = 1,
         if red_circle is not None:
             say(f"\nmixed: the picture {_short(red_circle['path'])} ({red_circle['captions'][0]}) + \"blue\" - \"red\"")
             for hit in idx.search("blue", image=red_circle["path"], not_="red", k=3):
-                say(f"   {hit.score:.3f}  {_short(hit.path)}  which shows: {truth(hit.path)}")
+                say(f"   {hit.score:.3f}  {_short(hit.path)}  which shows: {_truth(records, hit.path)}")
     say(f"\ndone in {time.perf_counter() - started:.1f} s. Try your own: clipsearch search \"two purple crosses\" "
         f"--index {out / 'index'}")
 

@@ -139,6 +139,16 @@ class Index:
                                  "pretrained_id": model.pretrained_id, "identity": model.identity,
                                  "dim": str(model.dim)})
 
+    def _prepare_model(self, progress: ProgressCallback | None) -> None:
+        """For a writer holding the lock: say the model is loading (it takes seconds) and, in a new index, record it."""
+        if progress and self._model is None:
+            from .indexer import Progress
+
+            spec = self.model_spec
+            progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
+        if self.store.dim is None:
+            self._record_model()
+
     # text encoder -------------------------------------------------------------------------------------------------
     @property
     def text_encoder_path(self) -> Path:
@@ -328,7 +338,7 @@ class Index:
         """Bring the index up to date with `paths` (folders or files); with none, with every root indexed before.
         The first run with a model also exports its text tower (see the module doc)."""
         from . import captions as caption_room
-        from .indexer import Indexer, Progress, normalise_roots
+        from .indexer import Indexer, normalise_roots
 
         known = [row["path"] for row in self.store.roots()]
         roots = normalise_roots(paths) if paths else known
@@ -338,11 +348,7 @@ class Index:
             if not os.path.exists(root) and root not in known:
                 raise BadInput(f"path not found: {root}")
         with self._write_lock():
-            if progress and self._model is None:
-                spec = self.model_spec
-                progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
-            if self.store.dim is None:
-                self._record_model()
+            self._prepare_model(progress)
             vectors = self.vectors()
             report = Indexer(self.store, vectors, self.model, batch_size=batch_size, workers=workers,
                              progress=progress).run(roots)
@@ -382,7 +388,6 @@ class Index:
         """Import a caption file into a collection (default: the file's name); importing it again changes nothing."""
         from . import captions as caption_room
         from .caption_files import read_captions
-        from .indexer import Progress
 
         parsed = read_captions(file, column=column, field=field)
         source = os.path.abspath(os.path.expanduser(os.fspath(file)))
@@ -393,11 +398,7 @@ class Index:
                            (f" ({len(parsed.problems)} rows skipped, first: {parsed.problems[0]})"
                             if parsed.problems else ""))
         with self._write_lock():
-            if progress and self._model is None:
-                spec = self.model_spec
-                progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
-            if self.store.dim is None:
-                self._record_model()
+            self._prepare_model(progress)
             report = caption_room.import_captions(self.store, lambda: self.model, parsed, name, source, progress)
             self._save_caption_vectors()
             # only when the import loaded the model: an unchanged file embeds nothing and should stay instant

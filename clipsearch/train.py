@@ -64,7 +64,7 @@ class TrainReport:
 def load_world(jsonl: str | Path, spec: media.PreprocessSpec, workers: int = 1,
                progress: Callable[[int, int], None] | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
     """(records, uint8 (N, H, W, 3) model pixels): every image decoded exactly as the indexer decodes it."""
-    records = world.read_captions(jsonl)
+    records = world.read_records(jsonl)
     paths = [rec["path"] for rec in records]
     pixels = np.empty((len(records), *spec.size, 3), dtype=np.uint8)
     chunks = [paths[i:i + 250] for i in range(0, len(paths), 250)]

@@ -399,7 +399,7 @@ def generate(out_dir: str | os.PathLike, split: str = "train", n: int = 1000, se
     return jsonl
 
 
-def read_captions(jsonl: str | os.PathLike) -> list[dict[str, Any]]:
+def read_records(jsonl: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a captions.jsonl, with `path` added: the image's absolute path."""
     jsonl = Path(jsonl)
     records = []

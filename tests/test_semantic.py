@@ -31,7 +31,7 @@ MIN_EVAL_R1, MIN_EVAL_R5 = 0.85, 0.98
 @pytest.fixture(scope="module")
 def test_world(tmp_path_factory) -> tuple[Path, list[dict]]:
     jsonl = world.generate(tmp_path_factory.mktemp("semantic") / "world", "test", TEST_N, TEST_SEED)
-    return jsonl, world.read_captions(jsonl)
+    return jsonl, world.read_records(jsonl)
 
 
 @pytest.fixture(scope="module")

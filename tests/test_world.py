@@ -63,7 +63,7 @@ def test_jsonl_is_flickr_style_with_paths_relative_to_it(test_world):
 
 
 def test_files_are_real_assorted_pngs_and_jpegs_that_decode_through_the_engine(test_world):
-    records = world.read_captions(test_world)
+    records = world.read_records(test_world)
     formats, sizes = set(), set()
     for rec in records:
         decoded = media.load(rec["path"], SPEC)
@@ -80,7 +80,7 @@ def test_files_are_real_assorted_pngs_and_jpegs_that_decode_through_the_engine(t
 
 def test_exif_oriented_jpegs_look_right_after_load(test_world):
     """Pixels are stored transposed under EXIF orientation 2..8: the engine's decode must show the drawn picture."""
-    records = [r for r in world.read_captions(test_world) if r["orientation"] != 1]
+    records = [r for r in world.read_records(test_world) if r["orientation"] != 1]
     assert {r["orientation"] for r in records} >= {3, 6, 8}
     really_turned = 0
     for rec in records:
@@ -100,18 +100,18 @@ def test_exif_oriented_jpegs_look_right_after_load(test_world):
 
 
 def test_pngs_are_exactly_the_drawing(test_world):
-    rec = next(r for r in world.read_captions(test_world) if r["format"] == "png")
+    rec = next(r for r in world.read_records(test_world) if r["format"] == "png")
     assert np.array_equal(np.asarray(media.open_image(rec["path"])), np.asarray(world.render(world.Scene.from_record(rec))))
 
 
 def test_held_out_pairs_never_in_train_and_common_in_test(train_world, test_world):
-    train = world.read_captions(train_world)
+    train = world.read_records(train_world)
     for rec in train:
         assert not rec["held_out"]
         assert not any((t["colour"], t["shape"]) in world.HELD_OUT for t in rec["things"])
         for colour, shape in world.HELD_OUT:
             assert all(f"{colour} {shape}" not in c for c in rec["captions"])
-    test = world.read_captions(test_world)
+    test = world.read_records(test_world)
     held = [r for r in test if r["held_out"]]
     assert len(held) >= 0.15 * len(test)
     assert {(r["attributes"]["colour"], r["attributes"]["shape"]) for r in held if r["kind"] == "single"} <= world.HELD_OUT
@@ -119,14 +119,14 @@ def test_held_out_pairs_never_in_train_and_common_in_test(train_world, test_worl
 
 
 def test_test_split_first_captions_are_unique_and_cover_every_kind(test_world):
-    test = world.read_captions(test_world)
+    test = world.read_records(test_world)
     firsts = [r["captions"][0] for r in test]
     assert len(set(firsts)) == len(firsts)
     assert {r["kind"] for r in test} == set(world.KINDS)
 
 
 def test_captions_say_what_was_drawn(test_world):
-    for rec in world.read_captions(test_world):
+    for rec in world.read_records(test_world):
         first, things, attrs = rec["captions"][0], rec["things"], rec["attributes"]
         assert rec["background"] in first
         if rec["kind"] == "single":
