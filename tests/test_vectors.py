@@ -49,6 +49,45 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
     assert np.allclose(loaded.reconstruct(8), index.reconstruct(8))
 
 
+def test_loaded_flat_index_reads_the_file_in_place_and_copies_before_a_change(tmp_path):
+    """A new process should not copy 200 MB before its first query: the loaded vectors stay in the mapped file. A
+    change (a writer reusing the loaded index) must work on its own copy and leave the file as it was."""
+    vecs = unit(40)
+    VectorIndex.build(16, np.arange(1, 41), vecs, generation=3).save(tmp_path / "images.faiss")
+    before = (tmp_path / "images.faiss").read_bytes()
+    loaded = VectorIndex.load(tmp_path / "images.faiss")
+    assert loaded.engine._mapping is not None
+    query = unit(1, seed=5)[0]
+    assert loaded.search(query, 5).ids.tolist() == (np.argsort(-(vecs @ query))[:5] + 1).tolist()
+    loaded.remove(np.array([1, 2]))
+    loaded.add(np.array([100]), query[None])
+    assert loaded.engine._mapping is None
+    assert loaded.search(query, 1).ids.tolist() == [100] and loaded.ntotal == 39
+    assert (tmp_path / "images.faiss").read_bytes() == before
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_split_exact_scan_equals_one_scan(tmp_path, monkeypatch, mapped):
+    """Large flat indexes split the scan between threads; the merged top k must be exactly the whole scan's."""
+    import clipsearch.vectors as vectors
+
+    monkeypatch.setattr(vectors, "_SPLIT_MIN", 500)
+    monkeypatch.setattr(vectors, "_workers", lambda: 3)
+    vecs = unit(2000, dim=32, seed=2)
+    ids = np.random.default_rng(3).permutation(np.arange(5000, 7000)).astype(np.int64)
+    index = VectorIndex.build(32, ids, vecs, generation=1)
+    if mapped:
+        index.save(tmp_path / "images.faiss")
+        index = VectorIndex.load(tmp_path / "images.faiss")
+    for seed in range(5):
+        query = unit(1, dim=32, seed=100 + seed)[0]
+        for k in (1, 10, 700, 2000):
+            result = index.search(query, k)
+            expected = np.argsort(-(vecs @ query), kind="stable")[:k]
+            assert result.ids.tolist() == ids[expected].tolist()
+            assert np.allclose(result.scores, (vecs @ query)[expected], atol=1e-5)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "missing", "header"])
 def test_damaged_file_is_detected(tmp_path, damage):
     path = tmp_path / "images.faiss"
