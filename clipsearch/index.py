@@ -548,7 +548,7 @@ class Index:
         if report.problems:  # nothing past this point can be trusted, or even read
             report.ok = False
             return report
-        db = self.store.db
+        db = self.store.conn
         orphans = db.execute("SELECT count(*) FROM vectors v LEFT JOIN images i ON i.id = v.image_id "
                              "WHERE i.id IS NULL OR i.status != 'ok'").fetchone()[0]
         missing = db.execute("SELECT count(*) FROM images i LEFT JOIN vectors v ON v.image_id = i.id "

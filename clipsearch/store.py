@@ -11,10 +11,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import sqlite_utils
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 from .errors import NotAnIndex
 
@@ -22,7 +25,7 @@ DB_NAME = "clipsearch.db"
 APP_ID = 0x434C5053  # "CLPS": marks the file as ours, so another SQLite file is refused instead of altered
 
 
-def _migration_1(db: sqlite_utils.Database) -> None:
+def _migration_1(db: "sqlite_utils.Database") -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")
     db["roots"].create({"path": str, "added": str, "last_scan": str, "last_status": str}, pk="path")
     db["images"].create(
@@ -49,7 +52,7 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     )
 
 
-def _migration_2(db: sqlite_utils.Database) -> None:
+def _migration_2(db: "sqlite_utils.Database") -> None:
     """Captions: text rows grouped in collections, unique by (collection, text, image), each remembering the file it
     came from (a re-import replaces exactly that file's rows) and, optionally, the image it describes, by path, so the
     link holds whichever is indexed first."""
@@ -67,7 +70,7 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["meta"].upsert({"key": "caption_generation", "value": "0"}, pk="key")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[["sqlite_utils.Database"], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -96,27 +99,43 @@ class Store:
                 raise NotAnIndex(f"{self.directory} is not a clipsearch index (no {DB_NAME})")
             self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.db = sqlite_utils.Database(conn)
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._check_and_migrate(create)
         except sqlite3.DatabaseError as exc:
             raise NotAnIndex(f"{self.path} is not a readable clipsearch database ({exc})") from exc
 
+    @cached_property
+    def db(self) -> "sqlite_utils.Database":
+        """sqlite-utils over the same connection, for writes. Imported on first use: reads go through `conn` and
+        plain SQL, so a query from a new process does not pay for importing sqlite-utils."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[dict]:
+        """Rows as dicts, like sqlite-utils' `query`."""
+        cursor = self.conn.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row))
+
     def _check_and_migrate(self, create: bool) -> None:
-        db = self.db
-        app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if app_id not in (0, APP_ID) or (app_id == 0 and db.table_names()):
+        conn = self.conn
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' LIMIT 1").fetchone()
+        if app_id not in (0, APP_ID) or (app_id == 0 and tables):
             raise NotAnIndex(f"{self.path} is an SQLite file but not a clipsearch index")
         if version > SCHEMA_VERSION:
             raise NotAnIndex(f"{self.path} was written by a newer clipsearch (schema {version} > {SCHEMA_VERSION})")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
         if version == SCHEMA_VERSION:
             return
         if not create and version == 0:
             raise NotAnIndex(f"{self.path} is not a clipsearch index")
+        db = self.db
         with self.transaction():
             for migrate in MIGRATIONS[version:]:
                 migrate(db)
@@ -127,25 +146,25 @@ class Store:
                                       pk="key")
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
+    def transaction(self) -> Iterator[None]:
         """One atomic write: everything inside commits together or not at all."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self.conn.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        self.conn.execute("COMMIT")
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
 
     # meta ---------------------------------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
-        return {row["key"]: row["value"] for row in self.db["meta"].rows}
+        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return row[0] if row else default
 
     def set_meta(self, values: dict[str, Any]) -> None:
@@ -160,7 +179,7 @@ class Store:
 
     def bump_generation(self) -> int:
         """Call inside the transaction that changed vectors."""
-        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
         return self.generation
 
     @property
@@ -170,10 +189,10 @@ class Store:
 
     # roots --------------------------------------------------------------------------------------------------------
     def roots(self) -> list[dict]:
-        return list(self.db["roots"].rows_where(order_by="path"))
+        return list(self._query("SELECT * FROM roots ORDER BY path"))
 
     def touch_root(self, path: str, status: str) -> None:
-        existing = self.db.execute("SELECT added FROM roots WHERE path = ?", [path]).fetchone()
+        existing = self.conn.execute("SELECT added FROM roots WHERE path = ?", [path]).fetchone()
         self.db["roots"].upsert(
             {"path": path, "added": existing[0] if existing else now(), "last_scan": now(), "last_status": status},
             pk="path",
@@ -183,7 +202,7 @@ class Store:
     def states_under(self, root: str) -> dict[str, ImageState]:
         """Rows at or under `root` (a folder or a single file), whatever root they were indexed from, keyed by path."""
         prefix = root.rstrip("/") + "/"
-        rows = self.db.execute(
+        rows = self.conn.execute(
             "SELECT path, id, size, mtime_ns, status FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
             [root, len(prefix), prefix],
         )
@@ -196,7 +215,7 @@ class Store:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.query(
+            for row in self._query(
                 f"SELECT * FROM images WHERE status = 'ok' AND fingerprint IN ({marks}) ORDER BY id", chunk
             ):
                 found.setdefault(row["fingerprint"], []).append(row)
@@ -208,58 +227,57 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.query(f"SELECT * FROM images WHERE id IN ({marks})", chunk):
+            for row in self._query(f"SELECT * FROM images WHERE id IN ({marks})", chunk):
                 result[row["id"]] = row
         return result
 
     def row_by_path(self, path: str) -> dict | None:
-        rows = list(self.db["images"].rows_where("path = ?", [path], limit=1))
-        return rows[0] if rows else None
+        return next(self._query("SELECT * FROM images WHERE path = ? LIMIT 1", [path]), None)
 
     def put_image(self, row: dict, vector: np.ndarray | None) -> int:
         """Insert or replace the row for row['path'] (keeping its id) and its vector. Call inside a transaction."""
-        existing = self.db.execute("SELECT id FROM images WHERE path = ?", [row["path"]]).fetchone()
+        existing = self.conn.execute("SELECT id FROM images WHERE path = ?", [row["path"]]).fetchone()
         row = {**row, "indexed_at": now()}
         if existing:
             image_id = existing[0]
             self.db["images"].update(image_id, row)
         else:
             image_id = self.db["images"].insert(row).last_pk
-        self.db.execute("DELETE FROM vectors WHERE image_id = ?", [image_id])
+        self.conn.execute("DELETE FROM vectors WHERE image_id = ?", [image_id])
         if vector is not None:
             self.db["vectors"].insert({"image_id": image_id, "vector": _blob(vector)})
         return int(image_id)
 
     def move_image(self, image_id: int, path: str, root: str, size: int, mtime_ns: int) -> None:
         """The row keeps its id and vector; captions linked to the old path follow the file."""
-        old = self.db.execute("SELECT path FROM images WHERE id = ?", [image_id]).fetchone()
+        old = self.conn.execute("SELECT path FROM images WHERE id = ?", [image_id]).fetchone()
         self.db["images"].update(image_id, {"path": path, "root": root, "size": size, "mtime_ns": mtime_ns})
         if old and old[0] != path:
-            self.db.execute("UPDATE OR IGNORE captions SET image_path = ? WHERE image_path = ?", [path, old[0]])
+            self.conn.execute("UPDATE OR IGNORE captions SET image_path = ? WHERE image_path = ?", [path, old[0]])
 
     def delete_images(self, ids: Sequence[int]) -> None:
         for start in range(0, len(ids), 500):
             chunk = [int(i) for i in ids[start:start + 500]]
             marks = ",".join("?" * len(chunk))
-            self.db.execute(f"DELETE FROM vectors WHERE image_id IN ({marks})", chunk)
-            self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM vectors WHERE image_id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
 
     def errors(self) -> list[dict]:
-        return list(self.db["images"].rows_where("status = 'error'", order_by="path"))
+        return list(self._query("SELECT * FROM images WHERE status = 'error' ORDER BY path"))
 
     def counts(self) -> dict[str, int]:
-        ok, errors = self.db.execute(
+        ok, errors = self.conn.execute(
             "SELECT coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'error'), 0) FROM images"
         ).fetchone()
-        vectors = self.db.execute("SELECT count(*) FROM vectors").fetchone()[0]
+        vectors = self.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
         return {"images": ok, "errors": errors, "vectors": vectors}
 
     # vectors ------------------------------------------------------------------------------------------------------
     def has_vectors(self) -> bool:
-        return self.db.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is not None
+        return self.conn.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is not None
 
     def vector(self, image_id: int) -> np.ndarray | None:
-        row = self.db.execute("SELECT vector FROM vectors WHERE image_id = ?", [image_id]).fetchone()
+        row = self.conn.execute("SELECT vector FROM vectors WHERE image_id = ?", [image_id]).fetchone()
         return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
 
     def vectors_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
@@ -271,21 +289,21 @@ class Store:
         return self._matrix("SELECT image_id, vector FROM vectors ORDER BY image_id", "SELECT count(*) FROM vectors")
 
     def _snapshot(self, generation_key: str, read: Callable[[], tuple[np.ndarray, np.ndarray]]):
-        in_transaction = self.db.conn.in_transaction
+        in_transaction = self.conn.in_transaction
         if not in_transaction:
-            self.db.execute("BEGIN")
+            self.conn.execute("BEGIN")
         try:
             return (int(self.get_meta(generation_key, "0")), *read())
         finally:
             if not in_transaction:
-                self.db.execute("COMMIT")
+                self.conn.execute("COMMIT")
 
     def _matrix(self, select: str, count: str) -> tuple[np.ndarray, np.ndarray]:
         dim = self.dim or 0
-        total = self.db.execute(count).fetchone()[0]
+        total = self.conn.execute(count).fetchone()[0]
         ids = np.empty(total, dtype=np.int64)
         matrix = np.empty((total, dim), dtype=np.float32)
-        for n, (row_id, blob) in enumerate(self.db.execute(select)):
+        for n, (row_id, blob) in enumerate(self.conn.execute(select)):
             ids[n] = row_id
             matrix[n] = np.frombuffer(blob, dtype=np.float32)
         return ids, matrix
@@ -314,20 +332,20 @@ class Store:
         if formats:
             where.append(f"upper(format) IN ({','.join('?' * len(formats))})")
             params += [f.upper() for f in formats]
-        rows = self.db.execute(f"SELECT id FROM images WHERE {' AND '.join(where)} ORDER BY id", params)
+        rows = self.conn.execute(f"SELECT id FROM images WHERE {' AND '.join(where)} ORDER BY id", params)
         return np.fromiter((row[0] for row in rows), dtype=np.int64)
 
     # captions -----------------------------------------------------------------------------------------------------
     def caption_keys(self, collection: str) -> dict[tuple[str, str | None], tuple[int, str]]:
         """(text, image_path) -> (id, source) of a collection's captions: what a re-import is compared against."""
-        rows = self.db.execute("SELECT id, text, image_path, source FROM captions WHERE collection = ?", [collection])
+        rows = self.conn.execute("SELECT id, text, image_path, source FROM captions WHERE collection = ?", [collection])
         return {(text, image): (row_id, source) for row_id, text, image, source in rows}
 
     def claim_captions(self, ids: Sequence[int], source: str) -> None:
         """Captions another file brought that this file also holds now belong to this file (it moved or was merged)."""
         for start in range(0, len(ids), 500):
             chunk = [int(i) for i in ids[start:start + 500]]
-            self.db.execute(f"UPDATE captions SET source = ? WHERE id IN ({','.join('?' * len(chunk))})",
+            self.conn.execute(f"UPDATE captions SET source = ? WHERE id IN ({','.join('?' * len(chunk))})",
                             [source, *chunk])
 
     def put_captions(self, collection: str, source: str, rows: Sequence[dict], vectors: np.ndarray,
@@ -346,8 +364,8 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = [int(i) for i in ids[start:start + 500]]
             marks = ",".join("?" * len(chunk))
-            self.db.execute(f"DELETE FROM caption_vectors WHERE caption_id IN ({marks})", chunk)
-            self.db.execute(f"DELETE FROM captions WHERE id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM caption_vectors WHERE caption_id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM captions WHERE id IN ({marks})", chunk)
 
     def caption_ids(self, collection: str | None = None, source: str | None = None) -> list[int]:
         where, params = [], []
@@ -358,11 +376,11 @@ class Store:
             where.append("source = ?")
             params.append(source)
         sql = "SELECT id FROM captions" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-        return [row[0] for row in self.db.execute(sql, params)]
+        return [row[0] for row in self.conn.execute(sql, params)]
 
     def collections(self) -> list[dict]:
         """One row per collection: name, caption count, linked count, sources, last added."""
-        rows = self.db.execute(
+        rows = self.conn.execute(
             "SELECT c.collection, count(*), sum(i.id IS NOT NULL), group_concat(DISTINCT c.source), max(c.added) "
             "FROM captions c LEFT JOIN images i ON i.path = c.image_path AND i.status = 'ok' "
             "GROUP BY c.collection ORDER BY c.collection")
@@ -377,7 +395,7 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.query(
+            for row in self._query(
                 f"SELECT c.*, i.path AS image, i.id AS image_id FROM captions c LEFT JOIN images i "
                 f"ON i.path = c.image_path AND i.status = 'ok' WHERE c.id IN ({marks})", chunk
             ):
@@ -385,25 +403,25 @@ class Store:
         return result
 
     def captions_of_source(self, collection: str, source: str) -> list[dict]:
-        return list(self.db["captions"].rows_where("collection = ? AND source = ?", [collection, source]))
+        return list(self._query("SELECT * FROM captions WHERE collection = ? AND source = ?", [collection, source]))
 
     def captions_of_image(self, path: str) -> list[dict]:
-        return list(self.db["captions"].rows_where("image_path = ?", [path], order_by="id"))
+        return list(self._query("SELECT * FROM captions WHERE image_path = ? ORDER BY id", [path]))
 
     def caption_ids_where(self, collections: Sequence[str] = ()) -> np.ndarray | None:
         if not collections:
             return None
         marks = ",".join("?" * len(collections))
-        rows = self.db.execute(f"SELECT id FROM captions WHERE collection IN ({marks}) ORDER BY id", list(collections))
+        rows = self.conn.execute(f"SELECT id FROM captions WHERE collection IN ({marks}) ORDER BY id", list(collections))
         return np.fromiter((row[0] for row in rows), dtype=np.int64)
 
     def caption_sources(self, collection: str) -> list[str]:
-        return [row[0] for row in self.db.execute("SELECT DISTINCT source FROM captions WHERE collection = ?",
+        return [row[0] for row in self.conn.execute("SELECT DISTINCT source FROM captions WHERE collection = ?",
                                                   [collection])]
 
     def linked_caption_count(self, collection: str, source: str) -> int:
         """Captions of this file whose image is indexed right now."""
-        return self.db.execute(
+        return self.conn.execute(
             "SELECT count(*) FROM captions c JOIN images i ON i.path = c.image_path AND i.status = 'ok' "
             "WHERE c.collection = ? AND c.source = ?", [collection, source]).fetchone()[0]
 
@@ -418,7 +436,7 @@ class Store:
         for start in range(0, len(paths), 500):
             chunk = list(paths[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            for path, image_id in self.db.execute(
+            for path, image_id in self.conn.execute(
                     f"SELECT path, id FROM images WHERE status = 'ok' AND path IN ({marks})", chunk):
                 found[path] = image_id
         return found
@@ -432,7 +450,7 @@ class Store:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for row_id, blob in self.db.execute(f"SELECT {key}, vector FROM {table} WHERE {key} IN ({marks})", chunk):
+            for row_id, blob in self.conn.execute(f"SELECT {key}, vector FROM {table} WHERE {key} IN ({marks})", chunk):
                 matrix[position[row_id]] = np.frombuffer(blob, dtype=np.float32)
                 found += 1
         if found != len(wanted):
@@ -440,14 +458,14 @@ class Store:
         return matrix
 
     def caption_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM captions").fetchone()[0]
+        return self.conn.execute("SELECT count(*) FROM captions").fetchone()[0]
 
     @property
     def caption_generation(self) -> int:
         return int(self.get_meta("caption_generation", "0"))
 
     def bump_caption_generation(self) -> None:
-        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'caption_generation'")
+        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'caption_generation'")
 
     def caption_vectors_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
         return self._snapshot("caption_generation", self.all_caption_vectors)
@@ -466,14 +484,14 @@ class Store:
             self.db["runs"].update(run_id, {**values, "finished": now()})
 
     def last_run(self) -> dict | None:
-        rows = list(self.db["runs"].rows_where(order_by="id desc", limit=1))
+        rows = list(self._query("SELECT * FROM runs ORDER BY id DESC LIMIT 1"))
         return rows[0] if rows else None
 
     def integrity_problems(self) -> list[str]:
         """SQLite's quick_check, one line per problem (at most 5, then a count); a check that cannot even run on the
         damage is itself the problem."""
         try:
-            result = [str(row[0]) for row in self.db.execute("PRAGMA quick_check")]
+            result = [str(row[0]) for row in self.conn.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as exc:
             return [f"the database cannot be read ({exc})"]
         if result == ["ok"]:

@@ -53,7 +53,8 @@ def run_cli_in_fresh_python(commands: list[list[str]], env: dict[str, str] | Non
         "            cli.main(args, prog_name='clipsearch')\n"
         "        except SystemExit as exc:\n"
         "            outputs.append([exc.code or 0, out.getvalue()])\n"
-        "heavy = [m for m in ('torch', 'open_clip', 'PIL.JpegImagePlugin', 'onnxruntime', 'tqdm', 'clipsearch.indexer')"
+        "heavy = [m for m in ('torch', 'open_clip', 'PIL.JpegImagePlugin', 'onnxruntime', 'tqdm', 'clipsearch.indexer',"
+        " 'sqlite_utils')"
         " if m in sys.modules]\n"
         "print(json.dumps({'outputs': outputs, 'imported': heavy}))\n"
     )
@@ -108,6 +109,7 @@ def test_cli_text_search_imports_neither_torch_nor_open_clip(built, monkeypatch)
     assert run["outputs"][0][0] == 0
     assert "torch" not in run["imported"] and "open_clip" not in run["imported"]
     assert "tqdm" not in run["imported"] and "clipsearch.indexer" not in run["imported"]
+    assert "sqlite_utils" not in run["imported"]  # reads are plain sqlite3; sqlite-utils is for writes
     assert "onnxruntime" in run["imported"]
     fast = json.loads(run["outputs"][0][1])
     monkeypatch.setenv(TEXT_ENCODER_ENV, "torch")  # the torch path, here (this process has torch loaded already)
