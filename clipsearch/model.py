@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -145,6 +147,41 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
+@contextmanager
+def _weights_loaded_in_place(torch: "Any", enabled: bool) -> "Iterator[None]":
+    """While open_clip loads a checkpoint on CPU, map the file and hand its tensors to the model instead of copying
+    them into the randomly initialised parameters.
+
+    open_clip builds the model (ViT-B-32: 605 MB of random weights), reads the whole checkpoint (another 605 MB), then
+    copies one into the other, so indexing peaked near 2 GB. Mapped (safetensors always is; torch.load with `mmap`)
+    and assigned (`load_state_dict(assign=True)`), the weights are the file's pages and the random ones are freed at
+    once. Tensors whose dtype differs from the parameter's (an fp16 checkpoint) are converted first, as a copy would
+    have; on CUDA the copy to the device is needed anyway, so nothing changes there."""
+    if not enabled:
+        yield
+        return
+    module = torch.nn.Module
+    original = module.load_state_dict
+    from torch.utils.serialization import config as serialization
+
+    config = serialization.load
+    mmap_before = config.mmap
+
+    def load_state_dict(self: "Any", state_dict: "Any", strict: bool = True, assign: bool = False) -> "Any":
+        own = self.state_dict(keep_vars=True)
+        matched = {key: value.to(own[key].dtype) if key in own and torch.is_tensor(value)
+                   and value.dtype != own[key].dtype else value for key, value in state_dict.items()}
+        return original(self, matched, strict=strict, assign=True)
+
+    module.load_state_dict = load_state_dict
+    config.mmap = True
+    try:
+        yield
+    finally:
+        module.load_state_dict = original
+        config.mmap = mmap_before
+
+
 class ClipModel:
     """A loaded open_clip model with the preprocessing it was trained with."""
 
@@ -163,9 +200,10 @@ class ClipModel:
         previous = quiet.level
         quiet.setLevel(logging.CRITICAL)  # open_clip logs at error level before raising; we raise our own clear error
         try:
-            net, _, _ = open_clip.create_model_and_transforms(
-                spec.name, pretrained=spec.pretrained, device=self.device
-            )
+            with _weights_loaded_in_place(torch, str(self.device) == "cpu"):
+                net, _, _ = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=spec.pretrained, device=self.device
+                )
         except (RuntimeError, AssertionError) as exc:
             text = str(exc) or type(exc).__name__
             if "Failed to download" in text or "offline" in text.lower():

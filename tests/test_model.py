@@ -51,6 +51,22 @@ def test_safetensors_and_wrapped_checkpoints_load(tiny_checkpoint, tmp_path, lay
     assert np.allclose(model.encode_texts(["a cat"]), reference_text_vectors(tiny_checkpoint, ["a cat"]), atol=1e-5)
 
 
+def test_half_precision_checkpoint_loads_as_float32_and_torch_is_left_as_it_was(tiny_checkpoint, tmp_path):
+    """Weights are handed to the model rather than copied, so a float16 file must still give float32 parameters,
+    and the loading hook must not outlive the load."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny-fp16.safetensors"
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in torch.load(tiny_checkpoint).items()},
+              path)
+    before = torch.nn.Module.load_state_dict
+    model = ClipModel(ModelSpec(TINY_MODEL, str(path)), device="cpu")
+    assert torch.nn.Module.load_state_dict is before
+    assert {p.dtype for p in model._net.parameters()} == {torch.float32}
+    reference = reference_text_vectors(tiny_checkpoint, ["a cat"])
+    assert float((model.encode_texts(["a cat"]) * reference).sum()) > 0.999
+
+
 def test_identity_follows_content_not_location(tiny_checkpoint, tmp_path):
     moved = tmp_path / "elsewhere.pt"
     moved.write_bytes(tiny_checkpoint.read_bytes())
@@ -106,11 +122,17 @@ def test_default_tag_found_in_hugging_face_cache_offline(tmp_path, vitb32_random
     (repo / "refs" / "main").write_text(commit)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, snapshot / "open_clip_model.safetensors")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    code = ("import json; from clipsearch.model import ClipModel, ModelSpec; m = ClipModel(ModelSpec(), device='cpu'); "
-            "print(json.dumps({'v': m.encode_texts(['a dog'])[0].tolist(), 'id': m.identity}))")
+    code = ("import json, resource, torch, open_clip; from clipsearch.model import ClipModel, ModelSpec; "
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; before = peak(); "
+            "m = ClipModel(ModelSpec(), device='cpu'); "
+            "print(json.dumps({'v': m.encode_texts(['a dog'])[0].tolist(), 'id': m.identity, 'grew': peak() - before}))")
     proc = _run_python(code, env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The file's pages become the weights (mapped + assigned) instead of being copied into the random-init ones:
+    # loading costs about one copy of the weights, not two (it grew by 2.0x before).
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    assert out["grew"] < 1.35 * weights, (out["grew"], weights)
     import open_clip
 
     with torch.no_grad():
