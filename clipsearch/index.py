@@ -352,6 +352,9 @@ class Index:
             vectors = self.vectors()
             report = Indexer(self.store, vectors, self.model, batch_size=batch_size, workers=workers,
                              progress=progress).run(roots)
+            if vectors.needs_rebuild():  # this run took N across a threshold: save the index type its size calls for
+                vectors = self._vectors = VectorIndex.from_source(
+                    self.store.dim, SimpleNamespace(vectors_snapshot=self.store.vectors_snapshot))
             with self._save_lock(blocking=True):  # also the moment to drop temp files of a save that was killed
                 for stale in [*self.path.glob(f"{FAISS_NAME}.*.tmp"), *self.path.glob(f"{CAPTIONS_FAISS_NAME}.*.tmp")]:
                     stale.unlink(missing_ok=True)

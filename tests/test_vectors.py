@@ -278,3 +278,23 @@ def test_index_replans_verifies_and_filters_a_compressed_index(tmp_path, tiny_ch
     report = again.verify()
     assert not report.ok and "pq-refine allows" in report.problems[0]
     again.close()
+
+
+def test_a_run_that_crosses_the_threshold_saves_the_new_index_type(tmp_path, tiny_checkpoint, monkeypatch):
+    """The writer re-plans when its own run takes N over the line, so no reader has to rebuild (and say so) later."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = sorted(shared("photos", "exif-samples").glob("*.jpg"))[:8]
+    for source in sources[:3]:
+        shutil.copy2(source, photos / source.name)
+    monkeypatch.setattr(vector_room, "FLAT_MAX", 4)
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        idx.index([photos], workers=0)
+        assert read_header(idx.faiss_path)["kind"] == FLAT
+        for source in sources[3:]:
+            shutil.copy2(source, photos / source.name)
+        idx.index([photos], workers=0)
+        assert read_header(idx.faiss_path)["kind"] == PQ_REFINE and idx.vectors().kind == PQ_REFINE
+    with clipsearch.open(tmp_path / "idx") as reader:
+        assert reader.vectors().kind == PQ_REFINE and reader.verify().ok
+        assert not reader.notices
