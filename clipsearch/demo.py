@@ -12,6 +12,7 @@ Every result is printed next to the true description of the picture it names, so
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import world
-from .errors import BadInput, ClipsearchError
+from .errors import BadInput, ClipsearchError, ModelMismatch
 from .index import Index
 
 MODEL = "clipsearch-tiny-clip"
@@ -45,7 +46,7 @@ def run(out: Path, checkpoint: Path = CHECKPOINT, n: int = 300, seed: int = 1,
     records = {str(Path(r["path"]).resolve()): r for r in world.read_records(jsonl)}
     say(f"{'generated' if made else 'using the'} {len(records)} captioned pictures in {jsonl.parent} "
         f"({time.perf_counter() - started:.1f} s)")
-    with Index(out / "index", model=MODEL, pretrained=str(checkpoint)) as idx:
+    with _demo_index(out / "index", checkpoint, say) as idx:
         report = idx.index([jsonl.parent])
         captions = idx.add_captions(jsonl, collection=COLLECTION)
         say(f"indexed {report.added} new pictures and {captions.added} new captions into {idx.path} "
@@ -66,6 +67,17 @@ def run(out: Path, checkpoint: Path = CHECKPOINT, n: int = 300, seed: int = 1,
                 say(f"   {hit.score:.3f}  {_short(hit.path)}  which shows: {_truth(records, hit.path)}")
     say(f"\ndone in {time.perf_counter() - started:.1f} s. Try your own: clipsearch search \"two purple crosses\" "
         f"--index {out / 'index'}")
+
+
+def _demo_index(folder: Path, checkpoint: Path, say: Callable[[str], None]) -> Index:
+    """The demo's own index; one built with earlier weights of the tiny model (a retrained checkpoint) is derived
+    data only the demo uses, so it is rebuilt rather than refused."""
+    try:
+        return Index(folder, model=MODEL, pretrained=str(checkpoint))
+    except ModelMismatch:  # refused on opening, before anything was loaded or written
+        say(f"{folder} was built with other weights of the tiny model: rebuilding it")
+        shutil.rmtree(folder)
+        return Index(folder, model=MODEL, pretrained=str(checkpoint))
 
 
 def _world(folder: Path, n: int, seed: int) -> tuple[Path, bool]:
