@@ -160,10 +160,10 @@ def _weights_loaded_in_place(torch: "Any", enabled: bool) -> "Iterator[None]":
     if not enabled:
         yield
         return
-    module = torch.nn.Module
-    original = module.load_state_dict
     from torch.utils.serialization import config as serialization
 
+    module = torch.nn.Module
+    original = module.load_state_dict
     config = serialization.load
     mmap_before = config.mmap
 

@@ -320,7 +320,7 @@ def read_header(path: Path) -> dict | None:
 class _Flat:
     """Exact inner product over float32 copies (IndexIDMap2 keeps SQLite ids and can reconstruct by id).
 
-    A loaded index maps the file's vectors instead of reading them (`mapped`): a new process answers its first query
+    A loaded index maps the file's vectors instead of reading them (`read_mapped`): a new process answers its first query
     without copying 200 MB at 100k vectors. FAISS reads the mapping in place, so the engine keeps it alive and takes
     its own copy before the first change (the mapping is read-only; a writer replaces the file, never edits it)."""
 
@@ -403,10 +403,6 @@ class _Flat:
         _write_index(self.index, out)
 
     @classmethod
-    def read(cls, handle: BinaryIO, dim: int) -> "_Flat":
-        return cls._checked(_read_index(handle), dim)
-
-    @classmethod
     def read_mapped(cls, handle: BinaryIO, dim: int) -> tuple["_Flat", int]:
         """The index at the handle's position, its vectors left in the mapped file; (engine, offset where it ends)."""
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -418,13 +414,9 @@ class _Flat:
         finally:
             end = int(reader.rp_)
             del reader
-        return cls._checked(index, dim, buffer), end
-
-    @classmethod
-    def _checked(cls, index: faiss.Index, dim: int, mapping: object | None = None) -> "_Flat":
         if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
             raise ValueError("header and body disagree")
-        return cls(dim, index, mapping)
+        return cls(dim, index, buffer), end
 
 
 class _PQRefine:
