@@ -159,31 +159,29 @@ def install_hook(phase: str, at: int, action: str = "kill", delay: float = 0.0, 
 
 def _hook_commit(at: int, delay: float, act) -> None:
     """The COMMIT that follows the at-th generation bump (every vector-changing transaction bumps it just before)."""
-    import sqlite_utils
-
     from clipsearch import store
 
     armed = [0]
     real_bump = store.Store.bump_generation
-    real_execute = sqlite_utils.Database.execute
+    real_commit = store.Store._commit
 
     def bump(self, *args, **kwargs):
         armed[0] += 1
         return real_bump(self, *args, **kwargs)
 
-    def execute(self, sql, *args, **kwargs):
-        if sql == "COMMIT" and armed[0] == at:
+    def commit(self):
+        if armed[0] == at:
             armed[0] = -1
             if act is not None:
                 act()
-                return real_execute(self, sql, *args, **kwargs)
+                return real_commit(self)
             threading.Thread(target=lambda: (time.sleep(delay), _die()), daemon=True).start()
-            result = real_execute(self, sql, *args, **kwargs)
+            result = real_commit(self)
             time.sleep(30)  # the thread fires during or right after the COMMIT, before anything else happens
             return result
-        return real_execute(self, sql, *args, **kwargs)
+        return real_commit(self)
     store.Store.bump_generation = bump
-    sqlite_utils.Database.execute = execute
+    store.Store._commit = commit
 
 
 def _hook_faiss_save(stage: int, act) -> None:

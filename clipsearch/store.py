@@ -154,6 +154,10 @@ class Store:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        self._commit()
+
+    def _commit(self) -> None:
+        """The one COMMIT of every write (a seam the crash harness hooks to kill a run mid-commit)."""
         self.conn.execute("COMMIT")
 
     def close(self) -> None:
