@@ -283,11 +283,15 @@ class Index:
                 current, reason = None, str(exc)
         if current is not None:  # current in content, but N crossed a threshold of the plan
             reason = f"{current.ntotal:,} vectors call for another index type than {current.kind}"
-        rebuilt = VectorIndex.from_source(dim, SimpleNamespace(vectors_snapshot=snapshot))
+        rebuilt = self._built_from_store(snapshot)
         if rebuilt.ntotal or path.exists():  # a new, empty index has nothing to repair
             self.notices.append(f"{what} rebuilt from SQLite ({reason})")
         self._save_if_idle(rebuilt, path, generation_key)
         return rebuilt
+
+    def _built_from_store(self, snapshot: Callable[[], tuple[int, np.ndarray, np.ndarray]]) -> VectorIndex:
+        """A FAISS index built from one SQLite snapshot, planned for its size."""
+        return VectorIndex.from_source(self.store.dim, SimpleNamespace(vectors_snapshot=snapshot))
 
     def _save_if_idle(self, vectors: VectorIndex, path: Path, generation_key: str) -> None:
         """Save a rebuilt index unless a writer is at work: this process's own run saves when it ends, another
@@ -353,8 +357,7 @@ class Index:
             report = Indexer(self.store, vectors, self.model, batch_size=batch_size, workers=workers,
                              progress=progress).run(roots)
             if vectors.needs_rebuild():  # this run took N across a threshold: save the index type its size calls for
-                vectors = self._vectors = VectorIndex.from_source(
-                    self.store.dim, SimpleNamespace(vectors_snapshot=self.store.vectors_snapshot))
+                vectors = self._vectors = self._built_from_store(self.store.vectors_snapshot)
             with self._save_lock(blocking=True):  # also the moment to drop temp files of a save that was killed
                 for stale in [*self.path.glob(f"{FAISS_NAME}.*.tmp"), *self.path.glob(f"{CAPTIONS_FAISS_NAME}.*.tmp")]:
                     stale.unlink(missing_ok=True)
@@ -378,8 +381,7 @@ class Index:
         """Called by a writer holding the lock after changing captions: rebuild captions.faiss from SQLite (no notice:
         nothing was wrong, the writer just changed it)."""
         if self.store.caption_count():
-            self._caption_vectors = VectorIndex.from_source(
-                self.store.dim, SimpleNamespace(vectors_snapshot=self.store.caption_vectors_snapshot))
+            self._caption_vectors = self._built_from_store(self.store.caption_vectors_snapshot)
             with self._save_lock(blocking=True):
                 self._caption_vectors.save(self.captions_faiss_path)
         else:

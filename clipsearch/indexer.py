@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import media
+from .cores import usable_cores
 from .errors import BadInput, NotAnIndex
 from .media import Decoded, PreprocessSpec
 from .model import ClipModel
@@ -396,7 +397,7 @@ def _fingerprint_or_empty(path: str) -> str:
 
 def default_workers() -> int:
     """Decode processes: one per core beyond the one the model uses, at least one."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, usable_cores() - 1))
 
 
 def normalise_roots(paths: Iterable[str | os.PathLike]) -> list[str]:

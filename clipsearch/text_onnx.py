@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .cores import usable_cores
 from .errors import ModelError, ModelMismatch
 from .tokenizer import ClipTokenizer, from_open_clip
 
@@ -297,18 +298,11 @@ def _session_options(threads: int | None, long_lived: bool) -> Any:
     else:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
-    options.intra_op_num_threads = threads or min(4, _usable_cores())
+    options.intra_op_num_threads = threads or min(4, usable_cores())
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not burn shared cores between runs
     options.log_severity_level = 3
     return options
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def read_metadata(session: Any) -> dict[str, str]:

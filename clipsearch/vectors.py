@@ -35,6 +35,7 @@ from typing import BinaryIO, Protocol
 import faiss
 import numpy as np
 
+from .cores import usable_cores
 from .errors import BadInput
 
 MAGIC = b"CLIPSRCHFAISS\x00\x01\x00"
@@ -364,7 +365,7 @@ class _Flat:
         return out
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        parts = min(_workers(), self.ntotal // _SPLIT_MIN)
+        parts = min(usable_cores(), self.ntotal // _SPLIT_MIN)
         if allowed is None and parts > 1:
             return self._split_search(query, k, parts)
         params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
@@ -677,19 +678,11 @@ def _clear_packed_tail(scan: faiss.Index) -> None:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _workers() -> int:
-    """Cores this process may run on (its affinity, not the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _pool() -> ThreadPoolExecutor:
     """Threads that search the other shards of a compressed index; FAISS releases the GIL while they work."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, _workers() - 1), thread_name_prefix="clipsearch-faiss",
+        _POOL = ThreadPoolExecutor(max_workers=max(1, usable_cores() - 1), thread_name_prefix="clipsearch-faiss",
                                    initializer=faiss.omp_set_num_threads, initargs=(1,))
     return _POOL
 

@@ -72,7 +72,7 @@ def test_split_exact_scan_equals_one_scan(tmp_path, monkeypatch, mapped):
     import clipsearch.vectors as vectors
 
     monkeypatch.setattr(vectors, "_SPLIT_MIN", 500)
-    monkeypatch.setattr(vectors, "_workers", lambda: 3)
+    monkeypatch.setattr(vectors, "usable_cores", lambda: 3)
     vecs = unit(2000, dim=32, seed=2)
     ids = np.random.default_rng(3).permutation(np.arange(5000, 7000)).astype(np.int64)
     index = VectorIndex.build(32, ids, vecs, generation=1)
