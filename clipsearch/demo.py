@@ -81,16 +81,19 @@ def _demo_index(folder: Path, checkpoint: Path, say: Callable[[str], None]) -> I
 
 
 def _world(folder: Path, n: int, seed: int) -> tuple[Path, bool]:
-    """The world's captions.jsonl, generated unless a complete one is there (it is deterministic: same files again).
-    Drawn into a temporary folder and renamed, so an interrupted demo leaves no half world behind."""
+    """The world's captions.jsonl, generated unless the same one is there (it is deterministic: same files again).
+    Drawn into a temporary folder and renamed, so an interrupted demo leaves no half world behind; one drawn by an
+    earlier generator is the demo's own derived data and is replaced."""
     jsonl = folder / "captions.jsonl"
-    if jsonl.is_file():
+    if jsonl.is_file() and world.matches(jsonl, "test", n, seed):
         return jsonl, False
-    if folder.exists():
+    if folder.exists() and not jsonl.is_file():
         raise BadInput(f"{folder} exists but holds no generated world: remove it, or pass another --out")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".world-") as tmp:
         world.generate(Path(tmp) / "world", "test", n, seed)
+        if folder.exists():
+            folder.rename(Path(tmp) / "stale")  # removed with the temporary folder
         (Path(tmp) / "world").rename(folder)
     return jsonl, True
 

@@ -134,6 +134,9 @@ def train(out: str | Path, cfg: TrainConfig, world_dir: str | Path | None = None
         started = time.perf_counter()
         if world_dir is not None and (Path(world_dir) / "captions.jsonl").is_file():
             jsonl = Path(world_dir) / "captions.jsonl"
+            if not world.matches(jsonl, "train", cfg.n_train, cfg.seed):
+                raise BadInput(f"{world_dir} holds a world drawn with other settings or by an earlier generator than "
+                               f"this run's (n {cfg.n_train}, seed {cfg.seed}): remove it, or pass another --world")
         else:
             tell(StepInfo("world", 0, cfg.n_train))
             jsonl = world.generate(world_dir or Path(tmp) / "train", "train", cfg.n_train, cfg.seed, cfg.workers)

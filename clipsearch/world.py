@@ -380,8 +380,7 @@ def generate(out_dir: str | os.PathLike, split: str = "train", n: int = 1000, se
     scenes = sample_scenes(split, n, seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    width = max(4, len(str(n - 1)))
-    names = [f"images/{i:0{width}d}.{'jpg' if s.format == 'jpeg' else 'png'}" for i, s in enumerate(scenes)]
+    names = _names(scenes)
     jobs = [(scene, str(out / name)) for scene, name in zip(scenes, names)]
     if workers > 1 and n > 1:
         import multiprocessing
@@ -394,9 +393,31 @@ def generate(out_dir: str | os.PathLike, split: str = "train", n: int = 1000, se
     partial = out / "captions.jsonl.partial"
     with partial.open("w", encoding="utf-8") as f:
         for scene, name in zip(scenes, names):
-            f.write(json.dumps(scene.record(name, split), separators=(", ", ": ")) + "\n")
+            f.write(_line(scene, name, split))
     partial.replace(jsonl)
     return jsonl
+
+
+def matches(jsonl: str | os.PathLike, split: str, n: int, seed: int) -> bool:
+    """Whether the world at `jsonl` is the one `generate` writes today for (split, n, seed). A world drawn with other
+    settings, or by an earlier generator (other held-out pairs, say), must not be reused in its place."""
+    try:
+        lines = Path(jsonl).read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if len(lines) != n:
+        return False
+    scenes = sample_scenes(split, n, seed)
+    return all(line == _line(scene, name, split) for line, scene, name in zip(lines, scenes, _names(scenes)))
+
+
+def _names(scenes: list[Scene]) -> list[str]:
+    width = max(4, len(str(len(scenes) - 1)))
+    return [f"images/{i:0{width}d}.{'jpg' if s.format == 'jpeg' else 'png'}" for i, s in enumerate(scenes)]
+
+
+def _line(scene: Scene, name: str, split: str) -> str:
+    return json.dumps(scene.record(name, split), separators=(", ", ": ")) + "\n"
 
 
 def read_records(jsonl: str | os.PathLike) -> list[dict[str, Any]]:

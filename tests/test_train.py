@@ -51,9 +51,13 @@ def test_loss_falls_when_fitting_a_small_world(tmp_path):
 def test_training_reuses_a_given_world_and_rejects_nonsense(tmp_path):
     jsonl = world.generate(tmp_path / "w", "train", 8, seed=1)
     before = jsonl.read_bytes()
-    train.train(tmp_path / "a.safetensors", train.TrainConfig(steps=1, batch_size=4, n_train=8, workers=1, warmup=1),
+    train.train(tmp_path / "a.safetensors", train.TrainConfig(steps=1, batch_size=4, n_train=8, workers=1, warmup=1, seed=1),
                 tmp_path / "w")
     assert jsonl.read_bytes() == before
+    with pytest.raises(BadInput, match="other settings"):  # a world of another seed is not silently trained on
+        train.train(tmp_path / "c.safetensors", train.TrainConfig(steps=1, batch_size=4, n_train=8, seed=2),
+                    tmp_path / "w")
+    assert jsonl.read_bytes() == before and not (tmp_path / "c.safetensors").exists()
     with pytest.raises(BadInput):
         train.train(tmp_path / "b.safetensors", train.TrainConfig(steps=0, n_train=8, batch_size=4))
     assert not Path(tmp_path / "b.safetensors").exists()

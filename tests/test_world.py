@@ -40,6 +40,15 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
     assert (a / "captions.jsonl").read_bytes() != (c / "captions.jsonl").read_bytes()
 
 
+def test_a_world_matches_only_the_settings_and_generator_that_drew_it(tmp_path, monkeypatch):
+    jsonl = world.generate(tmp_path / "w", "test", 24, seed=5)
+    assert world.matches(jsonl, "test", 24, 5)
+    assert not world.matches(jsonl, "test", 24, 6) and not world.matches(jsonl, "test", 23, 5)
+    assert not world.matches(jsonl, "train", 24, 5) and not world.matches(tmp_path / "none.jsonl", "test", 24, 5)
+    monkeypatch.setattr(world, "HELD_OUT", world.HELD_OUT - {("red", "star")})  # an earlier generator
+    assert not world.matches(jsonl, "test", 24, 5)
+
+
 def test_train_and_test_splits_differ_for_one_seed():
     train = world.sample_scenes("train", 20, seed=0)
     test = world.sample_scenes("test", 20, seed=0)
