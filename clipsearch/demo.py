@@ -29,7 +29,7 @@ CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tiny-cl
 TEXT_QUERIES = (
     "a large red star",  # red+star never appears in the training pictures
     "a small yellow circle on a black background",  # nor does yellow+circle
-    "a blue square",  # nor blue+square
+    "an orange square",  # nor orange+square
     "a green circle on a striped background",
 )
 COLLECTION = "world"

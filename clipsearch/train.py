@@ -31,7 +31,7 @@ MODEL_NAME = "clipsearch-tiny-clip"
 class TrainConfig:
     """What a run depends on; recorded in the checkpoint's metadata so a file says how it was made."""
 
-    steps: int = 800
+    steps: int = 1100
     batch_size: int = 256
     lr: float = 2e-3
     warmup: int = 100

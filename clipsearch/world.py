@@ -48,7 +48,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "middle": (0.5, 0.5),
 }
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
-    {("red", "star"), ("green", "triangle"), ("blue", "square"), ("yellow", "circle"), ("purple", "cross")}
+    {("red", "star"), ("green", "triangle"), ("orange", "square"), ("yellow", "circle"), ("purple", "cross")}
 )
 """Colour+shape pairs that never appear in the train split (in any object of any image) and are common in test."""
 

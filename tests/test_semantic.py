@@ -20,11 +20,12 @@ from test_cli import as_json, clip
 CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny-clip.safetensors"
 MODEL = ["--model", "clipsearch-tiny-clip", "--pretrained", str(CHECKPOINT)]
 TEST_N, TEST_SEED = 200, 1
-# What the committed checkpoint measures on this world (tests/assets/README.md), less a margin: 0.98 text->image and
-# 0.955 image->caption over all test pictures (0.93 and 0.86 on the held-out colour+shape pairs alone).
-MIN_TEXT_TO_IMAGE = (0.95, 0.9)      # (all test pictures, held-out pairs only)
-MIN_IMAGE_TO_CAPTION = (0.93, 0.82)
-MIN_EVAL_R1, MIN_EVAL_R5 = 0.93, 0.98
+# What the committed checkpoint measures on this world (tests/assets/README.md), less a margin: 1.0 text->image and
+# 0.99 image->caption over all test pictures (1.0 and 0.97 on the held-out colour+shape pairs alone).
+MIN_TEXT_TO_IMAGE = (0.97, 0.93)      # (all test pictures, held-out pairs only)
+MIN_IMAGE_TO_CAPTION = (0.95, 0.9)
+MIN_EVAL_R1, MIN_EVAL_R5 = 0.95, 0.98
+MIN_COLOUR_SWAP = 0.6  # measured 0.68
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +99,40 @@ def test_image_to_caption_recall_at_1(indexed, test_world):
 
 
 def test_picture_plus_blue_minus_red_finds_blue_circles(indexed, test_world):
-    """A mixed query through the CLI: a red circle's picture + "blue" - "red" turns the colour and keeps the shape:
-    every hit of the top three is blue, and two of them are blue circles. (The issue asks for blue circles first: for
-    both red circles in this world the committed model puts a blue square, a held-out pair, just above two blue
-    circles; tests/assets/README.md.)"""
+    """A mixed query through the CLI: a red circle's picture + "blue" - "red" turns the colour and keeps the shape, so
+    blue circles rank first: the top three hits are all pictures of one blue circle."""
     _, records = test_world
-    red_circles = [r for r in records if r["kind"] == "single" and r["attributes"]["colour"] == "red"
-                   and r["attributes"]["shape"] == "circle"]
-    blue_circles = {Path(r["path"]) for r in records if r["kind"] == "single"
-                    and r["attributes"]["colour"] == "blue" and r["attributes"]["shape"] == "circle"}
-    blue = {Path(r["path"]) for r in records if "blue" in (r["attributes"]["colour"], r["attributes"].get("other_colour"))}
+    red_circles = [r for r in records if _single(r, "red", "circle")]
+    blue_circles = {Path(r["path"]) for r in records if _single(r, "blue", "circle")}
     assert red_circles and len(blue_circles) >= 3
-    for rec in red_circles[:3]:
+    for rec in red_circles:
         hits = as_json("search", "blue", "--image", rec["path"], "--not", "red", "--index", indexed, "-k", "3")
-        assert all(Path(h["path"]).resolve() in blue for h in hits), hits
-        assert sum(Path(h["path"]).resolve() in blue_circles for h in hits) >= 2, hits
+        assert [Path(h["path"]).resolve() in blue_circles for h in hits] == [True] * 3, hits
+
+
+def test_picture_plus_colour_minus_its_colour_keeps_the_shape(indexed, test_world):
+    """The same arithmetic for every one-shape picture and every other colour: the top hit shows the new colour in the
+    same shape (one or several of it), far above chance (about 1 in 30). It keeps the background too, which sometimes
+    wins over the shape, and held-out pairs as the source do worse (0.55 against 0.73 on the committed model)."""
+    _, records = test_world
+    by_path = {Path(r["path"]): r for r in records}
+    singles = [r for r in records if r["kind"] == "single"]
+    right = []
+    with clipsearch.open(indexed, create=False) as idx:
+        for rec in singles:
+            colour, shape = rec["attributes"]["colour"], rec["attributes"]["shape"]
+            for target in world.COLOURS:
+                if target != colour and any(_single(r, target, shape) for r in singles):
+                    (hit,) = idx.search(target, k=1, image=rec["path"], not_=colour)
+                    found = by_path[Path(hit.path).resolve()]
+                    right.append(found["kind"] != "relation" and found["attributes"]["colour"] == target
+                                 and found["attributes"]["shape"] == shape)
+    assert len(right) >= 200 and np.mean(right) >= MIN_COLOUR_SWAP, np.mean(right)
+
+
+def _single(record: dict, colour: str, shape: str) -> bool:
+    return record["kind"] == "single" and record["attributes"]["colour"] == colour and \
+        record["attributes"]["shape"] == shape
 
 
 def test_eval_reports_the_high_recall_of_the_trained_model(test_world, tmp_path):
