@@ -505,11 +505,10 @@ class _PQRefine:
         wanted = self.candidates(k, population)
         jobs = [(shard, part, math.ceil(wanted * size / population))
                 for shard, part, size in zip(self.shards, rows, sizes) if size]
-        results = [future.result() for future in
-                   [_pool().submit(shard.search, query, k, budget, part) for shard, part, budget in jobs[1:]]] \
-            if len(jobs) > 1 else []
-        with _single_threaded():  # the calling thread searches the first part itself
-            results.insert(0, jobs[0][0].search(query, k, jobs[0][2], jobs[0][1]))
+        futures = [_pool().submit(shard.search, query, k, budget, part) for shard, part, budget in jobs[1:]]
+        with _single_threaded():  # the calling thread searches the first part itself, beside the pool
+            results = [jobs[0][0].search(query, k, jobs[0][2], jobs[0][1])]
+        results += [future.result() for future in futures]
         scores = np.concatenate([scores for scores, _ids in results])
         ids = np.concatenate([ids for _scores, ids in results])
         best = np.argsort(-scores, kind="stable")[:k]

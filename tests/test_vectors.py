@@ -1,6 +1,8 @@
 """The vectors room: exact search by SQLite id, atomic persistence, damage detection."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -298,3 +300,22 @@ def test_a_run_that_crosses_the_threshold_saves_the_new_index_type(tmp_path, tin
     with clipsearch.open(tmp_path / "idx") as reader:
         assert reader.vectors().kind == PQ_REFINE and reader.verify().ok
         assert not reader.notices
+
+
+def test_compressed_shards_are_searched_at_the_same_time(monkeypatch):
+    """The pool searches one shard while the calling thread searches the other: the pool's shard waits for the
+    caller's to start, which it never did when the caller first waited for the pool."""
+    index, _ids, vecs = pq_index()
+    first, second = index.engine.shards[:2]
+    started = threading.Event()
+    search = type(first).search
+
+    def traced(shard, *args):
+        if shard is first:
+            started.set()
+        elif not started.wait(timeout=5):
+            raise AssertionError("the shards were searched one after the other")
+        return search(shard, *args)
+
+    monkeypatch.setattr(type(first), "search", traced)
+    assert index.search(vecs[3], 1).ids.tolist() == [8]  # row 3's id
