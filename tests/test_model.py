@@ -67,6 +67,33 @@ def test_half_precision_checkpoint_loads_as_float32_and_torch_is_left_as_it_was(
     assert float((model.encode_texts(["a cat"]) * reference).sum()) > 0.999
 
 
+def test_weights_from_a_checkpoint_are_never_drawn_at_random(tiny_checkpoint, tmp_path, monkeypatch):
+    """open_clip's random initialisation is skipped when a checkpoint replaces every weight (the memory it would
+    touch is never resident); the hooks are gone afterwards, and a checkpoint that lacks a weight is refused."""
+    drawn = []
+    normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda tensor, *a, **k: drawn.append(1) or normal(tensor, *a, **k))
+    before = torch.nn.Module.load_state_dict
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu")
+    assert not drawn and torch.nn.Module.load_state_dict is before
+    assert np.allclose(model.encode_texts(["a cat"]), reference_text_vectors(tiny_checkpoint, ["a cat"]), atol=1e-5)
+    torch.nn.init.normal_(torch.empty(2))
+    assert drawn  # the tracer is back in place, not a no-op left behind
+
+    state = torch.load(tiny_checkpoint)
+    del state["ln_final.weight"]
+    lacking = tmp_path / "lacking.pt"
+    torch.save(state, lacking)
+    with pytest.raises(ModelError, match="ln_final.weight"):
+        ClipModel(ModelSpec(TINY_MODEL, str(lacking)), device="cpu")
+    import open_clip.factory
+
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda *args, **kwargs: None)  # weights never arrive
+    with pytest.raises(ModelError, match="loaded no weights"):
+        ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu")
+    assert torch.nn.Module.load_state_dict is before
+
+
 def test_identity_follows_content_not_location(tiny_checkpoint, tmp_path):
     moved = tmp_path / "elsewhere.pt"
     moved.write_bytes(tiny_checkpoint.read_bytes())
