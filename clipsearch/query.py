@@ -22,11 +22,11 @@ import numpy as np
 from .errors import BadInput
 from .query_syntax import Query
 from .store import Store
-from .vectors import VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover - imported where used: a text query needs neither
     from .captions import CaptionHit
     from .model import ClipModel
+    from .vectors import VectorIndex
 
 TextEncoder = Callable[[list[str]], np.ndarray]
 
