@@ -267,8 +267,9 @@ class Index:
         """`held` if current, else the saved file if current, else a rebuild from one SQLite snapshot. Current means
         the store's generation and a plan that still suits the number of vectors (`VectorIndex.needs_rebuild`): an
         index whose collection crossed a threshold is rebuilt with the plan chosen for its new size."""
-        from .vectors import VectorFileError, VectorIndex  # here, not at the top: a cold query imports FAISS in the
-        # thread that loads the index, beside the text encoder (see _vector_and_index)
+        # Imported here, not at the top: a cold query then imports FAISS in the thread that loads the index, beside
+        # the text encoder (see _vector_and_index).
+        from .vectors import VectorFileError, VectorIndex
 
         generation = int(self.store.get_meta(generation_key, "0"))
         if held is not None and held.generation == generation and not held.needs_rebuild():
