@@ -181,6 +181,7 @@ class Index:
 
             progress(Progress("text-encoder", path=str(self.text_encoder_path)))
         try:
+            model.release_image_weights()  # the export's peak would otherwise sit on top of the image tower
             export_text_tower(model, self.text_encoder_path)
             values = {"text_encoder": "onnx", "text_encoder_identity": model.identity, "text_encoder_note": ""}
         except UnsupportedTokenizer as exc:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 PROJECT_CONFIGS = Path(__file__).with_name("model_configs")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_MADV_PAGEOUT = 21  # linux/mman-common.h, Linux 5.4+
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; without them bf16 is emulated and slower
 
 
@@ -245,7 +247,10 @@ class ClipModel:
         except UnsupportedTokenizer:
             self.text_tokenizer = None
         self.preprocess = PreprocessSpec.from_open_clip(net.visual.preprocess_cfg)
-        self.dim = int(self.encode_texts(["a"]).shape[1])  # works for every tower type, costs one tiny forward
+        # From the config when open_clip has one: a forward would make the text tower's pages resident for the whole
+        # indexing run (ViT-B-32: 160 MB) although only the export at its end reads them.
+        config = open_clip.get_model_config(spec.name) or {}
+        self.dim = int(config.get("embed_dim") or self.encode_texts(["a"]).shape[1])
         self.pretrained_id = pretrained_id(spec)  # hashed once: the checkpoint does not change under a loaded model
         # Name + weights + preprocessing: two models with equal identities produce interchangeable vectors.
         self.identity = json.dumps(
@@ -271,6 +276,31 @@ class ClipModel:
         with torch.inference_mode():
             tokens = self._tokenizer(list(texts)).to(self.device)
             return self._normalise(self._net.encode_text(tokens))
+
+    def release_image_weights(self) -> int:
+        """Hand the image tower's resident weight pages back to the OS (Linux, CPU; elsewhere a no-op); returns bytes.
+
+        On CPU the weights are the checkpoint file's mapped pages (see _checkpoint_loading). MADV_PAGEOUT reclaims
+        them only if they are clean (a page written since would go to swap, or stay: nothing is ever lost), and
+        the next image forward reads them again from the file. An indexing run calls this before exporting the
+        text tower, which otherwise stacks on top of them: ViT-B-32, 335 MB fewer at the run's peak."""
+        if not str(self.device).startswith("cpu") or not sys.platform.startswith("linux"):
+            return 0
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        page, released = mmap.PAGESIZE, 0
+        for tensor in [*self._net.visual.parameters(), *self._net.visual.buffers()]:
+            start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
+            end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+            if end > start:
+                if madvise(start, end - start, _MADV_PAGEOUT) != 0:
+                    return released  # a kernel before 5.4, or a sandbox without it: keep the pages
+                released += end - start
+        return released
 
     @property
     def context_length(self) -> int:

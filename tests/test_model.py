@@ -167,3 +167,14 @@ def test_default_tag_found_in_hugging_face_cache_offline(tmp_path, vitb32_random
     ref = (ref / ref.norm()).numpy()
     assert np.allclose(out["v"], ref, atol=1e-4)
     assert json.loads(out["id"])["pretrained"] == "laion2b_s34b_b79k"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_image_weights_handed_back_to_the_os_come_back_unchanged(tiny_checkpoint):
+    """An indexing run releases the image tower's pages before the text export; a later forward reads them again."""
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu", precision="fp32")
+    pixels = np.random.default_rng(0).standard_normal((2, 3, *model.preprocess.size)).astype(np.float32)
+    before = model.encode_images(pixels)
+    weights = sum(p.numel() * p.element_size() for p in model._net.visual.parameters())
+    assert model.release_image_weights() >= weights // 2
+    assert np.array_equal(model.encode_images(pixels), before)
