@@ -278,7 +278,8 @@ class ClipModel:
             return self._normalise(self._net.encode_text(tokens))
 
     def release_image_weights(self) -> int:
-        """Hand the image tower's resident weight pages back to the OS (Linux, CPU; elsewhere a no-op); returns the bytes advised.
+        """Hand the image tower's resident weight pages back to the OS (Linux, CPU; elsewhere a no-op); returns the
+        bytes advised.
 
         On CPU the weights are the checkpoint file's mapped pages (see _checkpoint_loading). MADV_PAGEOUT reclaims
         them only if they are clean (a page written since would go to swap, or stay: nothing is ever lost), and
