@@ -210,7 +210,7 @@ def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
     Memory stays at one tensor's copy at most; letting torch serialise the weights into the protobuf grew the process
     by 870-900 MB (ViT-B-32 text tower, 255 MB), against 320-400 MB now, mostly the check session."""
     import onnx
-    from onnx import helper
+    from onnx.helper import np_dtype_to_tensor_dtype
 
     tensors = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
     weights = [i.name for i in proto.graph.input[1:]]
@@ -237,11 +237,13 @@ def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
         for name, weight, perm in planned:
             array = tensors[weight].detach().cpu().numpy()
             array = np.ascontiguousarray(array if perm is None else array.transpose(perm))
-            offset = -(-offset // _ALIGN) * _ALIGN if array.nbytes > 1 << 20 else -(-offset // 64) * 64
+            align = _ALIGN if array.nbytes > 1 << 20 else 64
+            offset = -(-offset // align) * align
             f.seek(offset)
             f.write(memoryview(array.reshape(-1)).cast("B"))
-            tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                      dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+            tensor = onnx.TensorProto(name=name, data_type=np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                                      data_location=onnx.TensorProto.EXTERNAL)
+            # onnx's external_data_helper.set_external_data wants the bytes in the proto first: the copy avoided here
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(array.nbytes))):
                 tensor.external_data.add(key=key, value=value)
             proto.graph.initializer.append(tensor)
@@ -288,7 +290,8 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
             else:
                 raise ModelError(f"cannot export the text tower of {clip_model.spec.name} to ONNX: {'; '.join(errors)}")
             proto = onnx.load(str(raw))
-        if len(proto.graph.input) > 1:  # the TorchScript export: weights are graph inputs, written by us
+        weights_as_inputs = len(proto.graph.input) > 1  # the TorchScript export (export_params=False)
+        if weights_as_inputs:
             _attach_weights(proto, graph, data)
         meta = {
             "format": FORMAT_VERSION,
@@ -303,7 +306,7 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
         del proto.metadata_props[:]
         for key, value in meta.items():
             proto.metadata_props.add(key=_PREFIX + key, value=value)
-        if data.exists():
+        if weights_as_inputs:
             onnx.save_model(proto, str(tmp))
         else:  # torch.export's file carries its weights
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
