@@ -9,6 +9,8 @@ cost). Also the peak memory of the `clipsearch index` process tree (issue 5, tar
 - naive: Pillow full decode -> open_clip `preprocess` in a torch DataLoader (`--naive-workers`, default 0: the
   DataLoader default) -> float32 `encode_image`, batch 32; model load excluded, so it compares with ours' reported rate.
 - model only: `encode_image` on ready tensors, same batch size and precision as ours.
+- refresh: after each timed run, `clipsearch index` again over the same folder and index, which finds nothing new
+  and so never loads the model; its whole-process seconds, beside `python -c pass`.
 - memory: one more `clipsearch index` run (not timed) has its process tree (decode workers included) sampled every 20 ms; printed
   are the peak of the summed VmRSS (pages shared between processes counted once per process: an upper bound) and of
   the summed PSS (shared pages split between the processes sharing them).
@@ -186,10 +188,24 @@ def index_run(checkpoint: Path, folder: Path, extra: list[str], sample_memory: b
             raise SystemExit(f"clipsearch index failed ({proc.returncode}): {err.strip()[-500:]}")
         info = json.loads(subprocess.run([sys.executable, "-m", "clipsearch", "info", "--index", f"{tmp}/idx", "--json"],
                                          capture_output=True, text=True, check=True).stdout)
+        start = time.perf_counter()  # the everyday case: the same folder again, nothing new in it
+        again = subprocess.run([sys.executable, "-m", "clipsearch", "index", str(folder), "--index", f"{tmp}/idx"],
+                               capture_output=True, text=True)
+        refresh = time.perf_counter() - start
+        if again.returncode or not again.stdout.startswith("0 embedded"):
+            raise SystemExit(f"refresh run failed ({again.returncode}): {again.stderr.strip()[-500:]}")
     embedded = int(out.split()[0])
     reported = float(out.split("(")[1].split()[0])
     return {"wall": embedded / wall, "reported": reported, "embedded": embedded, "rss": memory.peak_rss,
-            "pss": memory.peak_pss, "processes": memory.peak_processes, "precision": info.get("precision")}
+            "pss": memory.peak_pss, "processes": memory.peak_processes, "precision": info.get("precision"),
+            "refresh": refresh}
+
+
+def interpreter_floor() -> float:
+    """Seconds `python -c pass` takes now: this machine's speed changes by 2x within an hour."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -228,6 +244,9 @@ def main() -> None:
           f"images/s")
     print(f"clipsearch index, whole process (imports, model load, scan, decode, embed, commit, ONNX export): "
           f"median {statistics.median(r['wall'] for r in ours):.1f} images/s")
+    floor = statistics.median(interpreter_floor() for _ in range(5))
+    print(f"clipsearch index again, nothing new (whole process; the model is not loaded): median "
+          f"{statistics.median(r['refresh'] for r in ours):.2f} s (`python -c pass`: {floor:.2f} s)")
     print(f"ratio ours / naive:      {ours_rate / naive_rate:.2f}   (target >= 2.5)")
     print(f"ratio ours / model-only: {ours_rate / model_rate:.2f}   (target >= 0.85)")
     print(f"peak memory of the clipsearch index process tree (one more run, sampled every 20 ms, up to "

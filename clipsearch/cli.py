@@ -78,6 +78,8 @@ def _progress_bar() -> tuple[Callable[[Progress], None], Callable[[], None]]:
 
     def update(event: Progress) -> None:
         if event.phase == "model" and sys.stderr.isatty():
+            if "scan" in bars:
+                bars.pop("scan").close()
             click.echo(f"loading {event.path} ...", err=True)
         elif event.phase == "text-encoder" and sys.stderr.isatty():
             for bar in bars.values():
@@ -130,7 +132,10 @@ def index_cmd(paths: tuple[str, ...], index_dir: str | None, model: str | None, 
         _notices(idx)
     for warning in report.warnings:
         click.echo(f"clipsearch: warning: {warning}", err=True)
-    click.echo(f"{report.embedded} embedded in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s): "
+    rate = f"{report.images_per_second:.1f} images/s"
+    if report.model_seconds >= 0.1:
+        rate += f" after {report.model_seconds:.1f} s loading the model"
+    click.echo(f"{report.embedded} embedded in {report.seconds:.1f} s ({rate}): "
                f"{report.added} added, {report.updated} updated, {report.moved} moved, {report.copied} copied, "
                f"{report.removed} removed, {report.errors} errors, {report.unchanged} unchanged"
                + (f"; {report.captions} sidecar captions" if report.captions else ""))

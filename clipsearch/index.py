@@ -30,7 +30,7 @@ from .store import Store
 
 if TYPE_CHECKING:  # pragma: no cover - the search path imports none of these
     from .captions import CaptionHit, CaptionReport
-    from .indexer import IndexReport, ProgressCallback
+    from .indexer import DeferredModel, IndexReport, ProgressCallback
     from .model import ClipModel, ModelSpec
     from .text_onnx import OnnxTextEncoder
     from .vectors import VectorIndex
@@ -113,24 +113,37 @@ class Index:
     @property
     def model(self) -> ClipModel:
         if self._model is None:
-            spec = self.model_spec
-            stored_pretrained = self.store.get_meta("pretrained")
-            if spec.pretrained == stored_pretrained and os.path.isabs(spec.pretrained) and \
-                    not os.path.exists(spec.pretrained):
-                raise ModelError(f"this index's checkpoint {spec.pretrained} is gone; if it moved, run "
-                                 f"`clipsearch index --index {self.path} --pretrained NEW_LOCATION` once")
-            from .model import ClipModel
-
-            loaded = ClipModel(spec, device=self.device, precision=self.precision)
-            stored_identity = self.store.get_meta("identity")
-            if stored_identity and stored_identity != loaded.identity:
-                raise ModelMismatch(f"{self.path} was built with a different model or preprocessing than "
-                                    f"{loaded.spec.name} / {loaded.spec.pretrained} provides")
-            if stored_identity and loaded.spec.pretrained != stored_pretrained:  # same weights, new location
-                with self.store.transaction():
-                    self.store.set_meta({"pretrained": loaded.spec.pretrained})
-            self._model = loaded
+            self._adopt_model(self._construct_model(self._spec_to_load()))
+        assert self._model is not None
         return self._model
+
+    def _spec_to_load(self) -> ModelSpec:
+        """The model to load, refused up front when its checkpoint is gone (reads the store)."""
+        spec = self.model_spec
+        stored_pretrained = self.store.get_meta("pretrained")
+        if spec.pretrained == stored_pretrained and os.path.isabs(spec.pretrained) and \
+                not os.path.exists(spec.pretrained):
+            raise ModelError(f"this index's checkpoint {spec.pretrained} is gone; if it moved, run "
+                             f"`clipsearch index --index {self.path} --pretrained NEW_LOCATION` once")
+        return spec
+
+    def _construct_model(self, spec: ModelSpec) -> ClipModel:
+        """Load the weights; touches no store, so it may run in a background thread (see indexer.DeferredModel)."""
+        from .model import ClipModel
+
+        return ClipModel(spec, device=self.device, precision=self.precision)
+
+    def _adopt_model(self, loaded: ClipModel) -> ClipModel:
+        """Check a loaded model against the index and keep it (records a checkpoint's new location)."""
+        stored_identity = self.store.get_meta("identity")
+        if stored_identity and stored_identity != loaded.identity:
+            raise ModelMismatch(f"{self.path} was built with a different model or preprocessing than "
+                                f"{loaded.spec.name} / {loaded.spec.pretrained} provides")
+        if stored_identity and loaded.spec.pretrained != self.store.get_meta("pretrained"):  # same weights, moved
+            with self.store.transaction():
+                self.store.set_meta({"pretrained": loaded.spec.pretrained})
+        self._model = loaded
+        return loaded
 
     def _record_model(self) -> None:
         model = self.model
@@ -142,12 +155,41 @@ class Index:
     def _prepare_model(self, progress: ProgressCallback | None) -> None:
         """For a writer holding the lock: say the model is loading (it takes seconds) and, in a new index, record it."""
         if progress and self._model is None:
-            from .indexer import Progress
-
-            spec = self.model_spec
-            progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
+            self._announce_model(progress, self.model_spec)
         if self.store.dim is None:
             self._record_model()
+
+    @staticmethod
+    def _announce_model(progress: ProgressCallback, spec: ModelSpec) -> None:
+        from .indexer import Progress
+
+        progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
+
+    def _indexing_model(self, progress: ProgressCallback | None) -> DeferredModel:
+        """The model for an indexing run: loaded now for a new index (its dimension and preprocessing come from it)
+        or to record a checkpoint's new location; otherwise deferred until some file needs pixels, with the
+        preprocessing recorded in the index's model identity."""
+        from .indexer import DeferredModel
+        from .media import PreprocessSpec
+
+        recorded = None
+        try:
+            recorded = PreprocessSpec.from_dict(json.loads(self.store.get_meta("identity") or "")["preprocess"])
+        except (ValueError, KeyError, TypeError):
+            pass  # an index without a model yet (or from before identities): load now
+        relocated = self._requested[1] is not None and \
+            self.model_spec.resolved().pretrained != self.store.get_meta("pretrained")
+        if self._model is not None or recorded is None or self.store.dim is None or relocated:
+            self._prepare_model(progress)
+            return DeferredModel.ready(self.model)
+
+        def begin() -> Callable[[], ClipModel]:
+            spec = self._spec_to_load()
+            if progress:
+                self._announce_model(progress, spec)
+            return lambda: self._construct_model(spec)
+
+        return DeferredModel(recorded, self.store.dim, begin, self._adopt_model)
 
     # text encoder -------------------------------------------------------------------------------------------------
     @property
@@ -155,26 +197,32 @@ class Index:
         return self.path / TEXT_ENCODER_NAME
 
     def _ensure_text_encoder(self, progress: ProgressCallback | None = None) -> str | None:
-        """Called by a writer holding the lock, with the model loaded: export the ONNX text tower unless a valid one
-        for this model is there already (or an export was already tried for this model and could not be done).
-        Returns a warning for the caller's report, or None; never raises: an index without the file still works,
-        its text queries just load the torch model."""
+        """Called by a writer holding the lock: export the ONNX text tower unless a valid one for this model is there
+        already (or an export was already tried for this model and could not be done). The model is loaded only to
+        export. Returns a warning for the caller's report, or None; never raises: an index without the file still
+        works, its text queries just load the torch model."""
         from . import __version__
         from .text_onnx import OnnxTextEncoder, export_text_tower
         from .tokenizer import UnsupportedTokenizer
 
-        model = self.model
-        attempt = json.dumps({"identity": model.identity, "clipsearch": __version__}, sort_keys=True)
         meta = self.store.meta()
+        identity = self._model.identity if self._model is not None else meta.get("identity", "")
+        attempt = json.dumps({"identity": identity, "clipsearch": __version__}, sort_keys=True)
         if meta.get("text_encoder") == "torch" and meta.get("text_encoder_for") == attempt:
             return None  # tried for this very model and version: the reason was reported then
         if meta.get("text_encoder") == "onnx" and self.text_encoder_path.is_file():
             try:
-                OnnxTextEncoder(self.text_encoder_path, identity=model.identity)
-                if meta.get("text_encoder_identity") == model.identity:
+                OnnxTextEncoder(self.text_encoder_path, identity=identity)
+                if meta.get("text_encoder_identity") == identity:
                     return None
             except (ModelError, ModelMismatch):  # missing weights, damaged, another model's: export again
                 pass
+        try:
+            model = self.model
+        except (ModelError, ModelMismatch) as exc:  # e.g. the checkpoint is gone: this run embedded nothing
+            return f"could not export the text encoder: {exc}"
+        if model.identity != identity:  # no stored identity: recorded by the load above
+            attempt = json.dumps({"identity": model.identity, "clipsearch": __version__}, sort_keys=True)
         warning = None
         if progress:
             from .indexer import Progress
@@ -359,21 +407,25 @@ class Index:
             if not os.path.exists(root) and root not in known:
                 raise BadInput(f"path not found: {root}")
         with self._write_lock():
-            self._prepare_model(progress)
-            vectors = self.vectors()
-            report = Indexer(self.store, vectors, self.model, batch_size=batch_size, workers=workers,
-                             progress=progress).run(roots)
+            model = self._indexing_model(progress)
+            try:
+                vectors = self.vectors()
+                report = Indexer(self.store, vectors, model, batch_size=batch_size, workers=workers,
+                                 progress=progress).run(roots)
+            finally:
+                model.join()
             if vectors.needs_rebuild():  # this run took N across a threshold: save the index type its size calls for
                 vectors = self._vectors = self._built_from_store(self.store.vectors_snapshot)
             with self._save_lock(blocking=True):  # also the moment to drop temp files of a save that was killed
                 for stale in [*self.path.glob(f"{FAISS_NAME}.*.tmp"), *self.path.glob(f"{CAPTIONS_FAISS_NAME}.*.tmp")]:
                     stale.unlink(missing_ok=True)
                 vectors.save(self.faiss_path)
-            sidecars = caption_room.sync_sidecars(self.store, lambda: self.model, self.store.ok_paths_under(roots))
+            sidecars = caption_room.sync_sidecars(self.store, model.get, self.store.ok_paths_under(roots))
             if sidecars.added or sidecars.removed:
                 self._save_caption_vectors()
-            with self.store.transaction():
-                self.store.set_meta({"precision": self.model.precision})  # of the image vectors this run embedded
+            if report.embedded:
+                with self.store.transaction():
+                    self.store.set_meta({"precision": model.get().precision})  # of the vectors this run embedded
             export_warning = self._ensure_text_encoder(progress)
         report.captions = sidecars.added
         if export_warning:

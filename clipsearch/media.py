@@ -297,6 +297,11 @@ class PreprocessSpec:
             fill_color=int(cfg.get("fill_color") or 0),
         )
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> PreprocessSpec:
+        """From `dataclasses.asdict` of one, after a JSON round trip (the index's recorded model identity)."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
+
 
 def preprocess_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """uint8 (H, W, 3) exactly as open_clip's eval transform would crop and resize ``img`` (an RGB image).

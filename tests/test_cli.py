@@ -295,3 +295,89 @@ def test_named_folder_every_format_decodes(tmp_path, tiny_checkpoint):
     assert data["errors"] == 0 and data["images"] == 47   # the .jpg/.png/.gif/.webp/.bmp/.tiff files of named/
     gif = next(p for p in sorted(named.rglob("*.gif")))
     assert len(as_json("similar", gif, "--index", idx, "-k", "3")) == 3
+
+
+def _vectors_by_name(index_dir: Path, root: Path) -> dict[str, "np.ndarray"]:
+    import numpy as np
+
+    import clipsearch
+
+    with clipsearch.open(index_dir, create=False) as idx:
+        ids = idx.store.ok_ids_by_path(idx.store.ok_paths_under([str(root)]))
+        return {Path(path).name: np.asarray(idx.store.vector(i)) for path, i in ids.items()}
+
+
+def test_rerun_with_nothing_new_never_imports_torch(tmp_path, tiny_checkpoint):
+    """A refresh that finds nothing to embed must not pay for the model (ViT-B-32 here: 15 of a 20 s run)."""
+    lib = tmp_path / "lib"
+    copy_photos(lib, 3)
+    weights = tmp_path / "tiny.pt"
+    shutil.copy2(tiny_checkpoint, weights)
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, *tiny(weights), "--workers", "0")
+    weights.unlink()  # not needed either: nothing is embedded
+    probe = ("import sys, clipsearch\n"
+             f"idx = clipsearch.open({str(idx)!r}, create=False)\n"
+             "report = idx.index(workers=0)\n"
+             "print(report.unchanged, report.embedded, report.warnings, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "0", "[]", "False"]
+    assert clip("index", "--index", idx).stdout.startswith("0 embedded")
+
+
+def test_new_files_in_an_indexed_folder_embed_like_a_fresh_index(tmp_path, tiny_checkpoint):
+    """The model then loads in the background while the new files decode; their vectors are the ones a new index
+    gives them, and the wait is reported apart from the embedding rate."""
+    import numpy as np
+
+    import clipsearch
+
+    lib = tmp_path / "lib"
+    photos = copy_photos(lib, 5)
+    later = [Path(shutil.move(p, tmp_path / p.name)) for p in photos[3:]]
+    clip("index", lib, "--index", tmp_path / "idx", *tiny(tiny_checkpoint), "--workers", "0")
+    for p in later:
+        shutil.move(p, lib / p.name)
+    events: list[clipsearch.Progress] = []
+    with clipsearch.open(tmp_path / "idx", create=False) as idx:
+        report = idx.index(workers=1, batch_size=1, progress=events.append)
+    assert (report.added, report.unchanged, report.embedded) == (2, 3, 2)
+    phases = [e.phase for e in events]
+    assert phases.index("scan") < phases.index("model") < phases.index("done")
+    assert 0 < report.model_seconds < report.seconds
+    fresh_lib = Path(shutil.copytree(lib, tmp_path / "fresh" / "lib"))
+    clip("index", fresh_lib, "--index", tmp_path / "fresh" / "idx", *tiny(tiny_checkpoint), "--workers", "0")
+    ours, theirs = _vectors_by_name(tmp_path / "idx", lib), _vectors_by_name(tmp_path / "fresh" / "idx", fresh_lib)
+    assert ours.keys() == theirs.keys() == {p.name for p in photos}
+    for name in ours:
+        assert float(np.dot(ours[name], theirs[name])) > 0.9999
+
+
+@pytest.mark.parametrize("change", ["gone", "replaced"])
+def test_model_that_cannot_load_mid_run_is_one_line_and_loses_nothing(tmp_path, tiny_checkpoint, change):
+    import torch
+
+    lib = tmp_path / "lib"
+    photos = copy_photos(lib, 3)
+    held_back = Path(shutil.move(photos[2], tmp_path / photos[2].name))
+    weights = tmp_path / "tiny.pt"
+    shutil.copy2(tiny_checkpoint, weights)
+    idx = tmp_path / "idx"
+    clip("index", lib, "--index", idx, *tiny(weights), "--workers", "0")
+    before = as_json("search", "a dog", "--index", idx)
+    if change == "gone":
+        weights.unlink()
+    else:  # other weights under the same name: vectors from them would not be comparable
+        state = torch.load(tiny_checkpoint, map_location="cpu")
+        torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    shutil.move(held_back, lib / held_back.name)
+    code = errors.ModelError.exit_code if change == "gone" else errors.ModelMismatch.exit_code
+    message = clip("index", "--index", idx, "--workers", "0", code=code).stderr
+    assert ("is gone" if change == "gone" else "different model") in message
+    assert as_json("search", "a dog", "--index", idx) == before
+    assert as_json("info", "--index", idx)["images"] == 2
+    assert "agree" in clip("verify", "--index", idx).stdout
+    shutil.copy2(tiny_checkpoint, weights)  # the right weights back: the held-back photo gets in
+    assert clip("index", "--index", idx, "--workers", "0").stdout.startswith("1 embedded")
+
