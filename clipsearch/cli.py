@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover - `search` must not import the indexer (tq
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe's reader closed on
 
 index_option = click.option("--index", "index_dir", default=None, metavar="DIR",
                              help="Index directory, or a bare name under the index home (default: 'default').")
@@ -42,6 +43,9 @@ class Cli(click.Group):
         except sqlite3.DatabaseError as exc:  # a damaged page met mid-command; the file is left as it is
             self._fail(ctx, f"error: the index database is damaged ({exc}): run `clipsearch verify`, restore it from a "
                             f"backup, or move the index away and index again", NotAnIndex.exit_code)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix tool killed by SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # a bug: still one line for the user, the traceback with --debug

@@ -381,3 +381,12 @@ def test_model_that_cannot_load_mid_run_is_one_line_and_loses_nothing(tmp_path, 
     shutil.copy2(tiny_checkpoint, weights)  # the right weights back: the held-back photo gets in
     assert clip("index", "--index", idx, "--workers", "0").stdout.startswith("1 embedded")
 
+
+def test_output_into_a_closed_pipe_stops_quietly(photo_index):
+    """`clipsearch search ... | head -1`: the reader leaves early; no 'internal error', the shell's SIGPIPE code."""
+    idx, _, _ = photo_index
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "search", "a dog", "--index", str(idx), "-k", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and err.decode().strip() == ""
