@@ -419,7 +419,8 @@ class Index:
             with self._save_lock(blocking=True):  # also the moment to drop temp files of a save that was killed
                 for stale in [*self.path.glob(f"{FAISS_NAME}.*.tmp"), *self.path.glob(f"{CAPTIONS_FAISS_NAME}.*.tmp")]:
                     stale.unlink(missing_ok=True)
-                vectors.save(self.faiss_path)
+                if not vectors.saved_at(self.faiss_path):
+                    vectors.save(self.faiss_path)
             sidecars = caption_room.sync_sidecars(self.store, model.get, self.store.ok_paths_under(roots))
             if sidecars.added or sidecars.removed:
                 self._save_caption_vectors()

@@ -136,6 +136,7 @@ class VectorIndex:
         self.generation = generation
         self.engine = engine if engine is not None else _Flat(dim)
         self.trained_n = trained_n  # N when the compressed codes were trained (0 for flat)
+        self._file: tuple[Path, int] | None = None  # (file, generation) the contents were last read from or written to
 
     @property
     def plan(self) -> Plan:
@@ -209,6 +210,11 @@ class VectorIndex:
             return n < flat_max // 2
         return target.refine != self.plan.refine or n > RETRAIN_GROWTH * max(self.trained_n, 1)
 
+    def saved_at(self, path: Path) -> bool:
+        """Whether `path` holds exactly these contents: loaded from or saved to it, unchanged since. A writer whose
+        run changed nothing skips rewriting the file (1M vectors: over a GB)."""
+        return self._file == (Path(path), self.generation) and Path(path).exists()
+
     # contents -----------------------------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
@@ -222,12 +228,14 @@ class VectorIndex:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids):
             vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+            self._file = None
             self.engine.add(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> None:
         """Drop these ids; ids the index does not hold are ignored."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids):
+            self._file = None
             self.engine.remove(ids)
 
     def reconstruct(self, image_id: int) -> np.ndarray:
@@ -273,6 +281,7 @@ class VectorIndex:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._file = (path, self.generation)
 
     @classmethod
     def load(cls, path: Path) -> "VectorIndex":
@@ -300,7 +309,9 @@ class VectorIndex:
                 raise VectorFileError(f"{path} is damaged ({reason[:200]})") from exc
         if trailing or engine.ntotal != ntotal or engine.dim != dim:
             raise VectorFileError(f"{path} is damaged (header and body disagree)")
-        return cls(dim, generation, engine, trained_n)
+        loaded = cls(dim, generation, engine, trained_n)
+        loaded._file = (Path(path), generation)
+        return loaded
 
 
 def read_header(path: Path) -> dict | None:

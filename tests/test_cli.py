@@ -316,6 +316,8 @@ def test_rerun_with_nothing_new_never_imports_torch(tmp_path, tiny_checkpoint):
     idx = tmp_path / "idx"
     clip("index", lib, "--index", idx, *tiny(weights), "--workers", "0")
     weights.unlink()  # not needed either: nothing is embedded
+    faiss_file = idx / "images.faiss"
+    before = faiss_file.stat()
     probe = ("import sys, clipsearch\n"
              f"idx = clipsearch.open({str(idx)!r}, create=False)\n"
              "report = idx.index(workers=0)\n"
@@ -323,6 +325,8 @@ def test_rerun_with_nothing_new_never_imports_torch(tmp_path, tiny_checkpoint):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3", "0", "[]", "False"]
+    after = faiss_file.stat()  # nor is the FAISS file rewritten: it already holds these vectors
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert clip("index", "--index", idx).stdout.startswith("0 embedded")
 
 

@@ -51,6 +51,26 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
     assert np.allclose(loaded.reconstruct(8), index.reconstruct(8))
 
 
+@pytest.mark.parametrize("flat_max", [None, 0])  # flat, and compressed
+def test_saved_at_knows_whether_the_file_holds_these_contents(tmp_path, flat_max):
+    path, other = tmp_path / "images.faiss", tmp_path / "other.faiss"
+    index = VectorIndex.build(16, np.arange(1, 301), unit(300), generation=1, flat_max=flat_max)
+    assert not index.saved_at(path)  # built, never written
+    index.save(path)
+    assert index.saved_at(path) and not index.saved_at(other)
+    loaded = VectorIndex.load(path)
+    assert loaded.saved_at(path)
+    loaded.remove(np.array([], dtype=np.int64))  # nothing changes
+    assert loaded.saved_at(path)
+    for change in (lambda i: i.remove(np.array([5])), lambda i: i.add(np.array([999]), unit(1, seed=5)),
+                   lambda i: setattr(i, "generation", 2)):
+        changed = VectorIndex.load(path)
+        change(changed)
+        assert not changed.saved_at(path)
+    path.unlink()
+    assert not loaded.saved_at(path)
+
+
 def test_loaded_flat_index_reads_the_file_in_place_and_copies_before_a_change(tmp_path):
     """A new process should not copy 200 MB before its first query: the loaded vectors stay in the mapped file. A
     change (a writer reusing the loaded index) must work on its own copy and leave the file as it was."""
