@@ -339,3 +339,70 @@ def test_compressed_shards_are_searched_at_the_same_time(monkeypatch):
 
     monkeypatch.setattr(type(first), "search", traced)
     assert index.search(vecs[3], 1).ids.tolist() == [8]  # row 3's id
+
+
+@pytest.fixture
+def half_copies(monkeypatch):
+    """Small sizes take the fp16 path, scanned in two parts."""
+    import clipsearch.vectors as vectors
+
+    monkeypatch.setattr(vectors, "_HALF_MIN", 400)
+    monkeypatch.setattr(vectors, "_SPLIT_MIN", 200)
+    monkeypatch.setattr(vectors, "usable_cores", lambda: 2)
+    calls = {"above": 0}
+    above = vectors._HalfCopy.above
+
+    def counted(self, query, score):
+        calls["above"] += 1
+        return above(self, query, score)
+
+    monkeypatch.setattr(vectors._HalfCopy, "above", counted)
+    return calls
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_fp16_scan_answers_exactly_and_only_from_the_second_search(tmp_path, half_copies, mapped):
+    vecs = unit(3000, dim=32, seed=7)
+    ids = np.random.default_rng(8).permutation(np.arange(10, 3010)).astype(np.int64)
+    index = VectorIndex.build(32, ids, vecs, generation=1)
+    if mapped:
+        index.save(tmp_path / "images.faiss")
+        index = VectorIndex.load(tmp_path / "images.faiss")
+    for seed in range(30):
+        query = unit(1, dim=32, seed=200 + seed)[0] * (0.5 + seed / 10)  # mixed queries need not be unit length
+        if seed == 1:
+            assert index.engine._half is None  # a one-shot query never pays for the copy
+        expected = np.argsort(-(vecs.astype(np.float64) @ query), kind="stable")[:10]
+        result = index.search(query, 10)
+        assert result.ids.tolist() == ids[expected].tolist()
+        assert np.allclose(result.scores, (vecs @ query)[expected], atol=1e-5)
+    assert index.engine._half is not None
+
+
+def test_fp16_scan_that_cannot_tell_rows_apart_rescores_every_contender(half_copies):
+    """Rows 1e-6 apart in score, closer than fp16 can resolve (its step near 0.5 is 5e-4): the candidates alone cannot
+    prove the answer, so every row within the error bound is re-scored, and the answer is still exact."""
+    n, dim = 1000, 8
+    rng = np.random.default_rng(3)
+    first = 0.5 + rng.permutation(n) * 1e-6
+    vecs = np.zeros((n, dim), np.float32)
+    vecs[:, 0], vecs[:, 1] = first, np.sqrt(1 - first ** 2)
+    index = VectorIndex.build(dim, np.arange(1, n + 1), vecs, generation=1)
+    query = np.zeros(dim, np.float32)
+    query[0] = 1.0
+    for _ in range(2):
+        result = index.search(query, 10)
+    assert half_copies["above"] >= 1
+    assert result.ids.tolist() == (np.argsort(-first)[:10] + 1).tolist()
+
+
+def test_changes_retire_the_fp16_copy(half_copies):
+    vecs = unit(1000, dim=16, seed=4)
+    index = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
+    query = unit(1, seed=5)[0]
+    index.search(query, 3)
+    top = index.search(query, 3).ids.tolist()
+    assert index.engine._half is not None
+    index.remove(np.array(top[:1]))
+    index.add(np.array([5000]), query[None])
+    assert index.search(query, 3).ids.tolist() == [5000, *top[1:]]
