@@ -396,7 +396,7 @@ class _Flat:
             self._searches += 1
             if self._half is None and self._searches >= 2:
                 self._half = _HalfCopy.of(self._rows(), max(1, parts))
-            if self._half is not None:
+            if self._half is not None and k + max(k, _HALF_EXTRA) <= self.ntotal // 32:  # else re-scoring costs more
                 return self._certified_search(self._half, query, k)
         if allowed is None and parts > 1:
             return self._split_search(query, k, parts)

@@ -382,7 +382,7 @@ def test_fp16_scan_answers_exactly_and_only_from_the_second_search(tmp_path, hal
 def test_fp16_scan_that_cannot_tell_rows_apart_rescores_every_contender(half_copies):
     """Rows 1e-6 apart in score, closer than fp16 can resolve (its step near 0.5 is 5e-4): the candidates alone cannot
     prove the answer, so every row within the error bound is re-scored, and the answer is still exact."""
-    n, dim = 1000, 8
+    n, dim = 2000, 8
     rng = np.random.default_rng(3)
     first = 0.5 + rng.permutation(n) * 1e-6
     vecs = np.zeros((n, dim), np.float32)
@@ -397,8 +397,8 @@ def test_fp16_scan_that_cannot_tell_rows_apart_rescores_every_contender(half_cop
 
 
 def test_changes_retire_the_fp16_copy(half_copies):
-    vecs = unit(1000, dim=16, seed=4)
-    index = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
+    vecs = unit(2000, dim=16, seed=4)
+    index = VectorIndex.build(16, np.arange(1, 2001), vecs, generation=1)
     query = unit(1, seed=5)[0]
     index.search(query, 3)
     top = index.search(query, 3).ids.tolist()
