@@ -36,6 +36,7 @@ class Cli(click.Group):
         except ClipsearchError as exc:
             self._fail(ctx, f"error: {exc}", exc.exit_code)
         except KeyboardInterrupt:
+            _leave_fast()  # the index is closed; a model still loading in the background must not hold the exit up
             self._fail(ctx, "interrupted: everything committed so far is kept; run the command again to finish",
                        EXIT_INTERRUPTED)
         except click.UsageError as exc:  # a bad option value: one line like every other error (click's exit code, 2)
@@ -421,8 +422,9 @@ def serve_cmd(index_dir: str | None, host: str, port: int, open_browser: bool) -
 
 
 def _leave_fast() -> None:
-    """Called by read-only query commands once their index is closed: `main` then ends the process without tearing
-    down FAISS and onnxruntime (about a tenth of a cold query's time at 100,000 images), as nothing is left to save."""
+    """Called by read-only query commands once their index is closed, and on an interrupt: `main` then ends the process
+    without tearing down FAISS, onnxruntime or torch (about a tenth of a cold query's time at 100,000 images), as
+    nothing is left to save."""
     global _fast_exit
     _fast_exit = True
 

@@ -408,12 +408,17 @@ class Index:
                 raise BadInput(f"path not found: {root}")
         with self._write_lock():
             model = self._indexing_model(progress)
+            interrupted = False
             try:
                 vectors = self.vectors()
                 report = Indexer(self.store, vectors, model, batch_size=batch_size, workers=workers,
                                  progress=progress).run(roots)
+            except KeyboardInterrupt:
+                interrupted = True  # a person waits: leave a load in flight to its daemon thread (it writes nothing)
+                raise
             finally:
-                model.join()
+                if not interrupted:
+                    model.join()
             if vectors.needs_rebuild():  # this run took N across a threshold: save the index type its size calls for
                 vectors = self._vectors = self._built_from_store(self.store.vectors_snapshot)
             with self._save_lock(blocking=True):  # also the moment to drop temp files of a save that was killed

@@ -106,7 +106,8 @@ class DeferredModel:
     15 of them loading the model); one that does overlaps the load with decoding. The preprocessing and dimension
     come from the index, so decoding need not wait. `begin` runs in the caller's thread when loading starts (checks,
     progress) and returns the loader, which runs in the thread and must not touch the store; `adopt` gets the loaded
-    model back in the caller's thread (identity checks, records) and returns it."""
+    model back in the caller's thread (identity checks, records) and returns it. The thread is a daemon: an interrupted
+    run does not wait for the load (Ctrl-C used to stop it mid-import at once, and still should)."""
 
     def __init__(self, preprocess: PreprocessSpec, dim: int, begin: Callable[[], Callable[[], ClipModel]],
                  adopt: Callable[[ClipModel], ClipModel]) -> None:
@@ -143,7 +144,7 @@ class DeferredModel:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by get()
                 self._error = exc
 
-        self._thread = threading.Thread(target=run, name="clipsearch-model-load")
+        self._thread = threading.Thread(target=run, name="clipsearch-model-load", daemon=True)  # see Index.index
         self._thread.start()
 
     def get(self) -> ClipModel:

@@ -394,3 +394,42 @@ def test_output_into_a_closed_pipe_stops_quietly(photo_index):
     proc.stdout.close()  # before the command has written anything
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and err.decode().strip() == ""
+
+
+def test_interrupt_while_the_model_loads_does_not_wait_for_it(tmp_path, tiny_checkpoint, monkeypatch):
+    """Ctrl-C during a background load: the run stops at once (the load is left to its daemon thread, which writes
+    nothing), keeps what was committed, and the next run finishes the job."""
+    import threading
+    import time
+
+    import clipsearch
+    from clipsearch.index import Index
+
+    lib = tmp_path / "lib"
+    photos = copy_photos(lib, 3)
+    held_back = Path(shutil.move(photos[2], tmp_path / photos[2].name))
+    clip("index", lib, "--index", tmp_path / "idx", *tiny(tiny_checkpoint), "--workers", "0")
+    shutil.move(held_back, lib / held_back.name)
+    release = threading.Event()
+    construct = Index._construct_model
+
+    def slow(self, spec):
+        release.wait(60)  # a load that takes as long as the test lets it
+        return construct(self, spec)
+
+    monkeypatch.setattr(Index, "_construct_model", slow)
+
+    def interrupt(event):
+        if event.phase == "embed":
+            raise KeyboardInterrupt
+
+    threading.Timer(30, release.set).start()  # never hang the suite, whatever happens
+    started = time.monotonic()
+    with clipsearch.open(tmp_path / "idx", create=False) as idx:
+        with pytest.raises(KeyboardInterrupt):
+            idx.index(workers=0, progress=interrupt)
+    assert time.monotonic() - started < 20 and not release.is_set()
+    release.set()
+    monkeypatch.undo()
+    assert as_json("info", "--index", tmp_path / "idx")["images"] == 2
+    assert clip("index", "--index", tmp_path / "idx", "--workers", "0").stdout.startswith("1 embedded")
