@@ -205,9 +205,12 @@ class Index:
         from .text_onnx import OnnxTextEncoder, export_text_tower
         from .tokenizer import UnsupportedTokenizer
 
+        def attempt_for(identity: str) -> str:
+            return json.dumps({"identity": identity, "clipsearch": __version__}, sort_keys=True)
+
         meta = self.store.meta()
         identity = self._model.identity if self._model is not None else meta.get("identity", "")
-        attempt = json.dumps({"identity": identity, "clipsearch": __version__}, sort_keys=True)
+        attempt = attempt_for(identity)
         if meta.get("text_encoder") == "torch" and meta.get("text_encoder_for") == attempt:
             return None  # tried for this very model and version: the reason was reported then
         if meta.get("text_encoder") == "onnx" and self.text_encoder_path.is_file():
@@ -221,8 +224,7 @@ class Index:
             model = self.model
         except (ModelError, ModelMismatch) as exc:  # e.g. the checkpoint is gone: this run embedded nothing
             return f"could not export the text encoder: {exc}"
-        if model.identity != identity:  # no stored identity: recorded by the load above
-            attempt = json.dumps({"identity": model.identity, "clipsearch": __version__}, sort_keys=True)
+        attempt = attempt_for(model.identity)  # the stored one, or (an index from before identities) the model's
         warning = None
         if progress:
             from .indexer import Progress

@@ -25,12 +25,12 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import faiss
 import numpy as np
@@ -60,6 +60,7 @@ _EXACT_SCAN_RATIO = 1 / 32     # a filter of at most N/32 ids (plus the candidat
 _SPLIT_MIN = 32_768            # an exact scan is split between threads once each part has at least this many rows
 _HALF_MIN = 32_768             # from this many rows, a process that searches twice scans an fp16 copy (see _HalfCopy)
 _HALF_EXTRA = 32               # candidates beyond k the fp16 scan hands to the exact re-scoring
+_T = TypeVar("_T")
 _REFINE_TYPES = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 
 
@@ -413,14 +414,11 @@ class _Flat:
         rows = self._rows()
         bounds = np.linspace(0, n, parts + 1).astype(int).tolist()
 
-        def scan(part: int) -> tuple[np.ndarray, np.ndarray]:
-            start, end = bounds[part], bounds[part + 1]
+        def scan(start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
             scores, positions = faiss.knn(query, rows[start:end], min(k, end - start), faiss.METRIC_INNER_PRODUCT)
             return scores[0], positions[0] + start
 
-        futures = [_pool().submit(scan, part) for part in range(1, parts)]
-        with _single_threaded():
-            results = [scan(0)] + [future.result() for future in futures]
+        results = _side_by_side(scan, list(zip(bounds, bounds[1:])))
         scores = np.concatenate([s for s, _p in results])
         positions = np.concatenate([p for _s, p in results])
         best = np.argsort(-scores, kind="stable")[:k]
@@ -502,9 +500,7 @@ class _HalfCopy:
                 index.add(chunk)
             return index, largest
 
-        futures = [_pool().submit(build, start, end) for start, end in zip(bounds[1:-1], bounds[2:])]
-        with _single_threaded():
-            built = [build(bounds[0], bounds[1])] + [future.result() for future in futures]
+        built = _side_by_side(build, list(zip(bounds, bounds[1:])))
         max_norm = max(largest for _index, largest in built)
         if not np.isfinite(max_norm) or max_norm > 60_000:  # components could overflow fp16
             return None
@@ -515,19 +511,13 @@ class _HalfCopy:
         subnormal = np.sqrt(self.dim) * 2.0 ** -25  # components below fp16's normal range round to a fixed step
         return (relative * self.max_norm + subnormal) * query_norm
 
-    def _each(self, scan: Callable[[int, faiss.IndexScalarQuantizer], tuple[np.ndarray, np.ndarray]]
-              ) -> list[tuple[np.ndarray, np.ndarray]]:
-        futures = [_pool().submit(scan, start, index) for start, index in self.parts[1:]]
-        with _single_threaded():
-            return [scan(*self.parts[0])] + [future.result() for future in futures]
-
     def search(self, query: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per part: (fp16 scores, row positions) of its best k, best first (fewer when the part is smaller)."""
         def scan(start: int, index: faiss.IndexScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:
             scores, positions = index.search(query, min(k, index.ntotal))
             return scores[0], positions[0] + start
 
-        return self._each(scan)
+        return _side_by_side(scan, self.parts)
 
     def above(self, query: np.ndarray, score: float) -> np.ndarray:
         """Row positions whose fp16 score is at least `score`."""
@@ -537,7 +527,7 @@ class _HalfCopy:
             _limits, _scores, positions = index.range_search(query, radius)
             return _scores, positions + start
 
-        return np.concatenate([p for _s, p in self._each(scan)]).astype(np.int64)
+        return np.concatenate([p for _s, p in _side_by_side(scan, self.parts)]).astype(np.int64)
 
 
 class _PQRefine:
@@ -625,10 +615,7 @@ class _PQRefine:
         wanted = self.candidates(k, population)
         jobs = [(shard, part, math.ceil(wanted * size / population))
                 for shard, part, size in zip(self.shards, rows, sizes) if size]
-        futures = [_pool().submit(shard.search, query, k, budget, part) for shard, part, budget in jobs[1:]]
-        with _single_threaded():  # the calling thread searches the first part itself, beside the pool
-            results = [jobs[0][0].search(query, k, jobs[0][2], jobs[0][1])]
-        results += [future.result() for future in futures]
+        results = _side_by_side(lambda shard, part, budget: shard.search(query, k, budget, part), jobs)
         scores = np.concatenate([scores for scores, _ids in results])
         ids = np.concatenate([ids for _scores, ids in results])
         best = np.argsort(-scores, kind="stable")[:k]
@@ -804,6 +791,16 @@ def _pool() -> ThreadPoolExecutor:
         _POOL = ThreadPoolExecutor(max_workers=max(1, usable_cores() - 1), thread_name_prefix="clipsearch-faiss",
                                    initializer=faiss.omp_set_num_threads, initargs=(1,))
     return _POOL
+
+
+def _side_by_side(work: Callable[..., _T], calls: Sequence[tuple]) -> list[_T]:
+    """`work(*args)` for every args at the same time: the first in the calling thread, the rest in the pool (FAISS
+    releases the GIL, so they use every core); results in order. Each call runs one OpenMP thread: a single query's
+    scan gains nothing from more, and they would only compete for the cores."""
+    futures = [_pool().submit(work, *args) for args in calls[1:]]
+    with _single_threaded():
+        first = work(*calls[0])
+    return [first] + [future.result() for future in futures]
 
 
 @contextmanager
