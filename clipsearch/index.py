@@ -170,13 +170,9 @@ class Index:
         or to record a checkpoint's new location; otherwise deferred until some file needs pixels, with the
         preprocessing recorded in the index's model identity."""
         from .indexer import DeferredModel
-        from .media import PreprocessSpec
+        from .model import identity_preprocess
 
-        recorded = None
-        try:
-            recorded = PreprocessSpec.from_dict(json.loads(self.store.get_meta("identity") or "")["preprocess"])
-        except (ValueError, KeyError, TypeError):
-            pass  # an index without a model yet (or from before identities): load now
+        recorded = identity_preprocess(self.store.get_meta("identity") or "")  # None: no model recorded yet
         relocated = self._requested[1] is not None and \
             self.model_spec.resolved().pretrained != self.store.get_meta("pretrained")
         if self._model is not None or recorded is None or self.store.dim is None or relocated:

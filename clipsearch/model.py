@@ -113,6 +113,20 @@ def _offline_hint(spec: ModelSpec) -> str:
     )
 
 
+def model_identity(name: str, weights: str, preprocess: PreprocessSpec) -> str:
+    """Name + weights (`pretrained_id`) + preprocessing: models with equal identities give interchangeable vectors."""
+    return json.dumps({"model": name, "pretrained": weights, "preprocess": asdict(preprocess)}, sort_keys=True)
+
+
+def identity_preprocess(identity: str) -> PreprocessSpec | None:
+    """The preprocessing a recorded `model_identity` names, so an index can decode images before its model loads;
+    None for an empty or unreadable one."""
+    try:
+        return PreprocessSpec.from_dict(json.loads(identity)["preprocess"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def default_device() -> str:
     import torch
 
@@ -252,11 +266,7 @@ class ClipModel:
         config = open_clip.get_model_config(spec.name) or {}
         self.dim = int(config.get("embed_dim") or self.encode_texts(["a"]).shape[1])
         self.pretrained_id = pretrained_id(spec)  # hashed once: the checkpoint does not change under a loaded model
-        # Name + weights + preprocessing: two models with equal identities produce interchangeable vectors.
-        self.identity = json.dumps(
-            {"model": spec.name, "pretrained": self.pretrained_id, "preprocess": asdict(self.preprocess)},
-            sort_keys=True,
-        )
+        self.identity = model_identity(spec.name, self.pretrained_id, self.preprocess)
 
     def _normalise(self, features: "torch.Tensor") -> np.ndarray:
         features = features.float()

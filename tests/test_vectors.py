@@ -14,6 +14,17 @@ def unit(rows: int, dim: int = 16, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def shuffled_flat(tmp_path, vecs: np.ndarray, first_id: int, seed: int,
+                  mapped: bool) -> tuple[np.ndarray, VectorIndex]:
+    """(ids, index) over `vecs` with shuffled consecutive ids; `mapped`: saved and loaded back (vectors read in place)."""
+    ids = np.random.default_rng(seed).permutation(np.arange(first_id, first_id + len(vecs))).astype(np.int64)
+    index = VectorIndex.build(vecs.shape[1], ids, vecs, generation=1)
+    if mapped:
+        index.save(tmp_path / "images.faiss")
+        index = VectorIndex.load(tmp_path / "images.faiss")
+    return ids, index
+
+
 def test_search_matches_brute_force_with_sqlite_ids():
     vecs = unit(300)
     ids = np.arange(1000, 1300, dtype=np.int64) * 3
@@ -96,11 +107,7 @@ def test_split_exact_scan_equals_one_scan(tmp_path, monkeypatch, mapped):
     monkeypatch.setattr(vectors, "_SPLIT_MIN", 500)
     monkeypatch.setattr(vectors, "usable_cores", lambda: 3)
     vecs = unit(2000, dim=32, seed=2)
-    ids = np.random.default_rng(3).permutation(np.arange(5000, 7000)).astype(np.int64)
-    index = VectorIndex.build(32, ids, vecs, generation=1)
-    if mapped:
-        index.save(tmp_path / "images.faiss")
-        index = VectorIndex.load(tmp_path / "images.faiss")
+    ids, index = shuffled_flat(tmp_path, vecs, first_id=5000, seed=3, mapped=mapped)
     for seed in range(5):
         query = unit(1, dim=32, seed=100 + seed)[0]
         for k in (1, 10, 700, 2000):
@@ -363,11 +370,7 @@ def half_copies(monkeypatch):
 @pytest.mark.parametrize("mapped", [False, True])
 def test_fp16_scan_answers_exactly_and_only_from_the_second_search(tmp_path, half_copies, mapped):
     vecs = unit(3000, dim=32, seed=7)
-    ids = np.random.default_rng(8).permutation(np.arange(10, 3010)).astype(np.int64)
-    index = VectorIndex.build(32, ids, vecs, generation=1)
-    if mapped:
-        index.save(tmp_path / "images.faiss")
-        index = VectorIndex.load(tmp_path / "images.faiss")
+    ids, index = shuffled_flat(tmp_path, vecs, first_id=10, seed=8, mapped=mapped)
     for seed in range(30):
         query = unit(1, dim=32, seed=200 + seed)[0] * (0.5 + seed / 10)  # mixed queries need not be unit length
         if seed == 1:
