@@ -349,42 +349,43 @@ def test_compressed_shards_are_searched_at_the_same_time(monkeypatch):
 
 
 @pytest.fixture
-def half_copies(monkeypatch):
-    """Small sizes take the fp16 path, scanned in two parts."""
+def byte_copies(monkeypatch):
+    """Small sizes take the 8-bit path, scanned in two parts."""
     import clipsearch.vectors as vectors
 
-    monkeypatch.setattr(vectors, "_HALF_MIN", 400)
+    monkeypatch.setattr(vectors, "_COPY_MIN", 400)
+    monkeypatch.setattr(vectors, "_COPY_EXTRA", 8)
     monkeypatch.setattr(vectors, "_SPLIT_MIN", 200)
     monkeypatch.setattr(vectors, "usable_cores", lambda: 2)
     calls = {"above": 0}
-    above = vectors._HalfCopy.above
+    above = vectors._ByteCopy.above
 
-    def counted(self, query, score):
+    def counted(self, *args):
         calls["above"] += 1
-        return above(self, query, score)
+        return above(self, *args)
 
-    monkeypatch.setattr(vectors._HalfCopy, "above", counted)
+    monkeypatch.setattr(vectors._ByteCopy, "above", counted)
     return calls
 
 
 @pytest.mark.parametrize("mapped", [False, True])
-def test_fp16_scan_answers_exactly_and_only_from_the_second_search(tmp_path, half_copies, mapped):
+def test_8bit_scan_answers_exactly_and_only_from_the_second_search(tmp_path, byte_copies, mapped):
     vecs = unit(3000, dim=32, seed=7)
     ids, index = shuffled_flat(tmp_path, vecs, first_id=10, seed=8, mapped=mapped)
     for seed in range(30):
         query = unit(1, dim=32, seed=200 + seed)[0] * (0.5 + seed / 10)  # mixed queries need not be unit length
         if seed == 1:
-            assert index.engine._half is None  # a one-shot query never pays for the copy
+            assert index.engine._copy is None  # a one-shot query never pays for the copy
         expected = np.argsort(-(vecs.astype(np.float64) @ query), kind="stable")[:10]
         result = index.search(query, 10)
         assert result.ids.tolist() == ids[expected].tolist()
         assert np.allclose(result.scores, (vecs @ query)[expected], atol=1e-5)
-    assert index.engine._half is not None
+    assert index.engine._copy is not None
 
 
-def test_fp16_scan_that_cannot_tell_rows_apart_rescores_every_contender(half_copies):
-    """Rows 1e-6 apart in score, closer than fp16 can resolve (its step near 0.5 is 5e-4): the candidates alone cannot
-    prove the answer, so every row within the error bound is re-scored, and the answer is still exact."""
+def test_8bit_scan_that_cannot_tell_rows_apart_rescores_every_contender(byte_copies):
+    """Rows 1e-6 apart in score, closer than 8-bit codes can resolve (their step here is 4e-3): the candidates alone
+    cannot prove the answer, so every row within the error bound is re-scored, and the answer is still exact."""
     n, dim = 2000, 8
     rng = np.random.default_rng(3)
     first = 0.5 + rng.permutation(n) * 1e-6
@@ -395,17 +396,78 @@ def test_fp16_scan_that_cannot_tell_rows_apart_rescores_every_contender(half_cop
     query[0] = 1.0
     for _ in range(2):
         result = index.search(query, 10)
-    assert half_copies["above"] >= 1
+    assert byte_copies["above"] >= 1
     assert result.ids.tolist() == (np.argsort(-first)[:10] + 1).tolist()
 
 
-def test_changes_retire_the_fp16_copy(half_copies):
+def test_changes_retire_the_8bit_copy(byte_copies):
     vecs = unit(2000, dim=16, seed=4)
     index = VectorIndex.build(16, np.arange(1, 2001), vecs, generation=1)
     query = unit(1, seed=5)[0]
     index.search(query, 3)
     top = index.search(query, 3).ids.tolist()
-    assert index.engine._half is not None
+    assert index.engine._copy is not None
     index.remove(np.array(top[:1]))
     index.add(np.array([5000]), query[None])
     assert index.search(query, 3).ids.tolist() == [5000, *top[1:]]
+
+
+@pytest.mark.parametrize("case", ["unit", "outlier-dimensions", "long-rows", "wide"])
+def test_8bit_error_bound_holds_for_every_row(case):
+    """The exactness of the 8-bit path rests on one inequality: |S/t - q.x| <= error for every row. Checked against
+    float64 on data that stresses each term: per-dimension scales far apart, rows and queries far from unit length,
+    and a width (1280) where the code range shrinks to keep integer sums exact."""
+    from clipsearch.vectors import _ByteCopy
+
+    rng = np.random.default_rng(11)
+    dim = 1280 if case == "wide" else 64
+    rows = rng.standard_normal((3000, dim)).astype(np.float32)
+    if case == "outlier-dimensions":
+        rows[:, :3] *= 40
+        rows[7, 5] = 300.0
+    if case == "long-rows":
+        rows *= rng.uniform(0.01, 50, (len(rows), 1)).astype(np.float32)
+    if case != "long-rows":
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    copy = _ByteCopy.of(rows, 2)
+    assert copy is not None and copy.limit == (114 if case == "wide" else 127)
+    for seed in range(10):
+        query = rng.standard_normal((1, dim)).astype(np.float32) * (0.3 + seed)
+        integers, t, error = copy.quantize(query)
+        found = copy.search(integers, t, len(rows))
+        approx = np.concatenate([s for s, _p in found])
+        positions = np.concatenate([p for _s, p in found])
+        exact = rows[positions].astype(np.float64) @ query[0].astype(np.float64)
+        assert np.abs(approx - exact).max() <= error
+        assert error < 0.2 * np.linalg.norm(query) * np.linalg.norm(rows, axis=1).max()  # and it is worth having
+
+
+def test_8bit_scan_proves_typical_answers_from_its_candidates_alone(monkeypatch):
+    """On random unit vectors the default candidate count suffices: no query needs the second (range) scan."""
+    import clipsearch.vectors as vectors
+
+    monkeypatch.setattr(vectors, "_COPY_MIN", 4000)
+    calls = []
+    above = vectors._ByteCopy.above
+    monkeypatch.setattr(vectors._ByteCopy, "above", lambda self, *args: calls.append(1) or above(self, *args))
+    vecs = unit(40_000, dim=512, seed=12)
+    index = VectorIndex.build(512, np.arange(1, 40_001), vecs, generation=1)
+    queries = unit(20, dim=512, seed=13)
+    for query in queries:
+        expected = np.argsort(-(vecs.astype(np.float64) @ query), kind="stable")[:10] + 1
+        assert index.search(query, 10).ids.tolist() == expected.tolist()
+    assert index.engine._copy is not None and calls == []
+
+
+def test_8bit_path_answers_a_zero_query_and_skips_rows_it_cannot_copy(byte_copies):
+    vecs = unit(1000, dim=16, seed=14)
+    index = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
+    zero = np.zeros(16, np.float32)
+    for _ in range(2):
+        assert len(index.search(zero, 5).ids) == 5  # every score is 0: any five rows, from the float32 scan
+    assert index.engine._copy is not None
+    vecs[3, 2] = np.inf
+    broken = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
+    for _ in range(2):
+        assert broken.search(unit(1, dim=16, seed=15)[0], 3).ids.tolist()
+    assert broken.engine._copy is None
