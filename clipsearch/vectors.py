@@ -349,7 +349,7 @@ class _Flat:
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._mapping = mapping  # the buffer FAISS reads the vectors from, when they are mapped
         self._id_array: np.ndarray | None = None  # row -> id, cached for the split scan
-        self._copy: _ByteCopy | None = None  # 8-bit copy of the rows, built on the second unfiltered search
+        self._copy: _ByteCopy | None = None  # 8-bit copy of the rows, built on the second search
         self._searches = 0
 
     @property
@@ -402,8 +402,8 @@ class _Flat:
             wanted = 4 * k + _COPY_EXTRA  # candidates per part
             population = self.ntotal if allowed is None else len(allowed)
             if self._copy is not None and wanted <= population // 32:  # else re-scoring costs more than it saves
-                rows = None if allowed is None else self._allowed_rows(allowed)
-                found = self._certified_search(self._copy, query, k, wanted, rows)
+                mask = None if allowed is None else self._allowed_rows(allowed)
+                found = self._certified_search(self._copy, query, k, wanted, mask)
                 if found is not None:
                     return found
         if allowed is None and parts > 1:
@@ -443,20 +443,20 @@ class _Flat:
         return np.isin(row_ids, allowed)
 
     def _certified_search(self, copy: "_ByteCopy", query: np.ndarray, k: int, wanted: int,
-                          allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact top k from the 8-bit scan: its best candidates are re-scored from the float32 rows, and the answer
         is returned only when no row left out can beat the k-th, given the 8-bit scores' error bound; otherwise every
         row the bound cannot rule out is re-scored as well. A quarter of the bytes of the float32 scan, which memory
         bandwidth bounds, in integer arithmetic: 100k x 512 on 2 cores, 5.2 ms a query against 12.0 for the float32
-        scan and 8.5 for the fp16 copy this replaced (one process, random vectors, busy machine). `allowed` (a bool
-        per row) restricts both scans: with half the rows allowed a query takes about as long, where FAISS's id
+        scan and 8.5 for the fp16 copy this replaced (one process, random vectors, busy machine). `mask` (a bool per
+        row, True where the filter allows it) restricts both scans: with half the rows allowed a query takes about as long, where FAISS's id
         selector over the float32 rows took 8x longer than an unfiltered search. None for a zero query."""
         quantized = copy.quantize(query)
         if quantized is None:
             return None
         integers, t, error = quantized
         rows = self._rows()
-        found = copy.search(integers, t, wanted, allowed)
+        found = copy.search(integers, t, wanted, mask)
         positions = np.concatenate([p for _s, p in found])
         if not len(positions):
             return np.empty(0, np.float32), np.empty(0, np.int64)
@@ -465,7 +465,7 @@ class _Flat:
         kth = exact[best[-1]]
         unseen = max((float(s[-1]) for s, p in found if len(p) == wanted), default=-np.inf)  # best score left out
         if unseen + error >= kth:  # a row outside the candidates might reach the k-th: take all that could
-            positions = np.union1d(positions, copy.above(integers, t, float(kth) - error, allowed))
+            positions = np.union1d(positions, copy.above(integers, t, float(kth) - error, mask))
             exact = rows[positions] @ query[0]
             best = np.argsort(-exact, kind="stable")[:k]
         return exact[best], self._row_ids()[positions[best]]
@@ -520,6 +520,8 @@ class _ByteCopy:
         100k x 512. None when the rows hold NaN or infinity, or FAISS does not score integers exactly."""
         n, dim = rows.shape
         limit = min(127, math.isqrt((1 << 24) // dim))
+        if not _scores_integers_exactly(dim, limit):
+            return None
         edges = np.linspace(0, n, parts + 1).astype(int).tolist()
         bounds = list(zip(edges, edges[1:]))
 
@@ -554,8 +556,6 @@ class _ByteCopy:
             return index, *worst
 
         built = _side_by_side(encode, bounds)
-        if not _scores_integers_exactly(built[0][0], limit):
-            return None
         slack = 1 + 1.01 * dim * 2.0 ** -24  # the float32 sums of squares above, and their square roots
         rounding = math.sqrt(dim) * (limit + 1) * 2.0 ** -24  # |fl(s x) - s x|, componentwise
         residual = math.sqrt(max(b[1] for b in built)) * slack + rounding
@@ -579,23 +579,23 @@ class _ByteCopy:
         return integers.astype(np.float32)[None], t, float(error)
 
     def search(self, integers: np.ndarray, t: float, k: int,
-               allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per part: (approximate scores S/t, row positions) of its best k allowed rows, best first (fewer when the
-        part has fewer)."""
+               mask: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per part: (approximate scores S/t, row positions) of its best k rows (of those the mask allows), best
+        first (fewer when the part has fewer)."""
         def scan(start: int, index: faiss.IndexScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:
-            with _only(allowed, start, index.ntotal) as params:
+            with _only(mask, start, index.ntotal) as params:
                 scores, positions = index.search(integers, min(k, index.ntotal), params=params)
             found = positions[0] >= 0
             return scores[0][found].astype(np.float64) / t, positions[0][found] + start
 
         return _side_by_side(scan, self.parts)
 
-    def above(self, integers: np.ndarray, t: float, score: float, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Positions of the allowed rows whose approximate score S/t is at least `score`."""
+    def above(self, integers: np.ndarray, t: float, score: float, mask: np.ndarray | None = None) -> np.ndarray:
+        """Positions of the rows (of those the mask allows) whose approximate score S/t is at least `score`."""
         radius = math.floor(score * t) - 0.5  # S is an integer; range search keeps S > radius
 
         def scan(start: int, index: faiss.IndexScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:
-            with _only(allowed, start, index.ntotal) as params:
+            with _only(mask, start, index.ntotal) as params:
                 _limits, scores, positions = index.range_search(integers, radius, params=params)
             return scores, positions + start
 
@@ -603,25 +603,24 @@ class _ByteCopy:
 
 
 @contextmanager
-def _only(allowed: np.ndarray | None, start: int, count: int) -> Iterator[faiss.SearchParameters | None]:
-    """FAISS search parameters admitting the rows of one part that `allowed` (a bool per row) marks; the bitmap
-    lives until the search returns."""
-    if allowed is None:
+def _only(mask: np.ndarray | None, start: int, count: int) -> Iterator[faiss.SearchParameters | None]:
+    """FAISS search parameters admitting the rows of one part that `mask` (a bool per row) marks; the bitmap lives
+    until the search returns."""
+    if mask is None:
         yield None
         return
-    bits = np.packbits(allowed[start:start + count], bitorder="little")
+    bits = np.packbits(mask[start:start + count], bitorder="little")
     yield faiss.SearchParameters(sel=faiss.IDSelectorBitmap(count, faiss.swig_ptr(bits)))
 
 
-def _scores_integers_exactly(index: faiss.IndexScalarQuantizer, limit: int) -> bool:
-    """Whether this FAISS build stores integer codes as given and scores an integer query against them exactly (its
-    8-bit codec and kernel are what the bound in _ByteCopy relies on)."""
-    dim = index.d
+def _scores_integers_exactly(dim: int, limit: int) -> bool:
+    """Whether this FAISS build stores integers in -limit..limit as given and scores an integer query against them
+    exactly (its signed 8-bit codec and kernel are what the bound in _ByteCopy relies on)."""
     rng = np.random.default_rng(0)
     codes = rng.integers(-limit, limit + 1, (64, dim)).astype(np.float32)
     codes[0], codes[1] = limit, -limit
     query = rng.integers(-limit, limit + 1, (1, dim)).astype(np.float32)
-    probe = faiss.IndexScalarQuantizer(dim, index.sq.qtype, faiss.METRIC_INNER_PRODUCT)
+    probe = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit_direct_signed, faiss.METRIC_INNER_PRODUCT)
     probe.add(codes)
     scores, positions = probe.search(query, len(codes))
     expected = codes.astype(np.int64) @ query[0].astype(np.int64)

@@ -459,7 +459,9 @@ def test_8bit_scan_proves_typical_answers_from_its_candidates_alone(monkeypatch)
     assert index.engine._copy is not None and calls == []
 
 
-def test_8bit_path_answers_a_zero_query_and_skips_rows_it_cannot_copy(byte_copies):
+def test_8bit_path_answers_a_zero_query_and_skips_rows_it_cannot_copy(byte_copies, monkeypatch):
+    import clipsearch.vectors as vectors
+
     vecs = unit(1000, dim=16, seed=14)
     index = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
     zero = np.zeros(16, np.float32)
@@ -471,6 +473,14 @@ def test_8bit_path_answers_a_zero_query_and_skips_rows_it_cannot_copy(byte_copie
     for _ in range(2):
         assert broken.search(unit(1, dim=16, seed=15)[0], 3).ids.tolist()
     assert broken.engine._copy is None
+    # a FAISS whose 8-bit kernel did not score integers exactly gets no copy: the float32 scan answers
+    monkeypatch.setattr(vectors, "_scores_integers_exactly", lambda dim, limit: False)
+    vecs[3, 2] = 0.5
+    fine = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
+    query = unit(1, dim=16, seed=16)[0]
+    for _ in range(2):
+        assert fine.search(query, 3).ids.tolist() == (np.argsort(-(vecs @ query), kind="stable")[:3] + 1).tolist()
+    assert fine.engine._copy is None
 
 
 @pytest.mark.parametrize("mapped", [False, True])
