@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ SAVE_LOCK_NAME = "save.lock"  # held while a FAISS file is written, by a writer 
 TEXT_ENCODER_NAME = "text.onnx"
 # "torch" makes text queries use the torch model even where an ONNX text tower exists (comparisons, debugging).
 TEXT_ENCODER_ENV = "CLIPSEARCH_TEXT_ENCODER"
+TEXT_VECTORS_KEPT = 256
+"""Query texts whose vectors an open index keeps (2 KB each at 512-d), the least recently asked dropped first: paging
+through results, changing a filter or asking again encodes nothing (a warm text query spends most of its time there)."""
 
 
 @dataclass
@@ -75,6 +79,8 @@ class Index:
         self._model: ClipModel | None = None
         self._text_encoder: OnnxTextEncoder | None = None
         self._text_encoder_failed = False
+        self._text_vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> vector, see TEXT_VECTORS_KEPT
+        self._text_vectors_from: object = None  # the encoder that computed them
         self._vectors: VectorIndex | None = None
         self._caption_vectors: VectorIndex | None = None
         self._writing = False  # this process holds the write lock
@@ -571,11 +577,25 @@ class Index:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> unit vectors with this index's model: through its ONNX text tower when the index has a valid one
-        (no torch), else through the torch model."""
+        (no torch), else through the torch model. The last TEXT_VECTORS_KEPT texts' vectors are kept, as long as the
+        same encoder would compute them."""
         encoder = self.text_encoder()
-        if encoder is not None:
-            return encoder.encode_texts(texts)
-        return self.model.encode_texts(texts)
+        source = encoder if encoder is not None else self.model
+        if not texts:
+            return source.encode_texts(texts)
+        kept = self._text_vectors
+        if source is not self._text_vectors_from:
+            kept.clear()
+            self._text_vectors_from = source
+        missing = [text for text in dict.fromkeys(texts) if text not in kept]
+        if missing:
+            kept.update(zip(missing, source.encode_texts(missing)))
+        for text in texts:
+            kept.move_to_end(text)
+        vectors = np.stack([kept[text] for text in texts])
+        while len(kept) > TEXT_VECTORS_KEPT:
+            kept.popitem(last=False)
+        return vectors
 
     def errors(self) -> list[dict]:
         """Files that could not be indexed, with the reason."""

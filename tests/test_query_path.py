@@ -107,6 +107,36 @@ def test_text_queries_use_onnx_and_agree_with_torch(built):
     assert np.allclose([s for _, s in fast], [s for _, s in slow], atol=2e-3)
 
 
+def test_an_open_index_keeps_recent_query_vectors(built, monkeypatch):
+    """Paging through results or asking again does not encode the text again; the least recently asked text is
+    dropped first, and vectors from one encoder are never served for another."""
+    import clipsearch.index as index_room
+
+    path, _, _ = built
+    monkeypatch.setattr(index_room, "TEXT_VECTORS_KEPT", 3)
+    with clipsearch.open(path, create=False) as idx:
+        encoder = idx.text_encoder()
+        calls: list[list[str]] = []
+        encode = encoder.encode_texts
+        monkeypatch.setattr(encoder, "encode_texts", lambda texts: calls.append(list(texts)) or encode(texts))
+        first = idx.encode_texts(["a dog", "a cat", "a dog"])
+        assert calls == [["a dog", "a cat"]] and np.array_equal(first[0], first[2])
+        top = [h.id for h in idx.search("a dog", k=4)]
+        assert [h.id for h in idx.search("a dog", k=2)] == top[:2] and calls == [["a dog", "a cat"]]
+        idx.encode_texts(["b", "c", "a cat"])  # "a dog" is now the least recent of four: dropped
+        assert calls[-1] == ["b", "c"]
+        assert np.allclose(idx.encode_texts(["a dog"])[0], first[0]) and calls[-1] == ["a dog"]
+        assert len(calls) == 3
+        idx.encode_texts(["a cat"])
+        assert len(calls) == 3
+        idx._text_encoder = None  # what a run that exports a new text.onnx does: the next query loads that file
+        again = idx.text_encoder()
+        assert again is not encoder
+        monkeypatch.setattr(again, "encode_texts", lambda texts: calls.append(list(texts)) or encode(texts))
+        idx.encode_texts(["a cat"])
+        assert calls[-1] == ["a cat"] and len(calls) == 4
+
+
 def test_cli_text_search_imports_neither_torch_nor_open_clip(built, monkeypatch):
     """`clipsearch search` in a new process: the ONNX path imports no torch and gives the torch path's answer."""
     path, _, _ = built
