@@ -27,6 +27,9 @@ from .store import Store
 from .vectors import VectorIndex
 
 CHUNK = 4  # paths per worker task: amortises inter-process overhead without starving the batcher
+FIRST_BATCH = 8
+"""The first batch is this small, so the model starts after 8 decodes instead of a whole batch's (ViT-B-32 on 2 cores
+embeds as many images/s at batch 8 as at 32); the rest use the batch size."""
 UNSTORABLE = "path is not valid UTF-8: rename the file or its folder to index it"
 RETRIED = ("permission denied", "file not found", "out of memory")
 """Error reasons (media's) that say nothing about the file's content: such a file is tried again on every run, since
@@ -327,14 +330,15 @@ class Indexer:
         if decodable:
             self.model.start()  # loads while the first files decode
         self.progress(Progress("embed", 0, total))
+        size = min(self.batch_size, FIRST_BATCH)
         for item, decoded, error in self._decoded(decodable, spec):
             if decoded is None:
                 failed.append((item, error or "unreadable"))
             else:
                 batch.append((item, decoded))
-            if len(batch) >= self.batch_size:
+            if len(batch) >= size:
                 done += self._commit(batch, failed, plan)
-                batch, failed = [], []
+                batch, failed, size = [], [], self.batch_size
                 self.progress(Progress("embed", done, total, item.path))
         if batch or failed:
             done += self._commit(batch, failed, plan)

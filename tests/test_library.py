@@ -106,3 +106,18 @@ def test_index_home_and_bare_names(monkeypatch, tmp_path):
     assert resolve_index("trip") == tmp_path / "home" / "indexes" / "trip"
     assert resolve_index("./trip") == Path.cwd() / "trip"
     assert resolve_index(tmp_path / "x") == tmp_path / "x"
+
+
+def test_the_first_batch_is_small_so_the_model_starts_early(tmp_path, tiny_checkpoint):
+    """With the default batch of 32, the first commit comes after FIRST_BATCH images, the rest a whole batch each."""
+    from clipsearch.indexer import FIRST_BATCH
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted(shared("photos", "exif-samples").glob("*.jpg"))[:FIRST_BATCH + 12]:
+        shutil.copy2(source, photos / source.name)
+    events: list[clipsearch.Progress] = []
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        idx.index([photos], workers=0, progress=events.append)
+        assert idx.info()["images"] == FIRST_BATCH + 12
+    assert [e.done for e in events if e.phase == "embed"] == [0, FIRST_BATCH, FIRST_BATCH + 12]
