@@ -534,14 +534,14 @@ def create_app(index: index_api.Index, *, allowed_hosts: frozenset[str] | None =
                     "captions": [hit.to_dict() for hit in nearest]}
 
     def warm_up() -> None:
-        """Load FAISS, the text encoder (ONNX or torch) and the image model before anyone asks, and encode one text:
-        the first query then costs what every query costs (a first forward pass alone took 1.4 s of a 2.3 s first
-        query on a 100k index), and the first upload does not wait for torch. A model that cannot load leaves text
-        search working; uploads then answer 503 with the reason."""
+        """Load FAISS (and build its scan copy), the text encoder (ONNX or torch) and the image model before anyone
+        asks, and encode one text: the first query then costs what every query costs (a first forward pass alone
+        took 1.4 s of a 2.3 s first query on a 100k index), and the first upload does not wait for torch. A model
+        that cannot load leaves text search working; uploads then answer 503 with the reason."""
         with lock:
             if index.store.dim is None:
                 return
-            index.vectors()
+            index.vectors().warm()
             index.encode_texts(["a photo"])
             try:
                 _ = index.model

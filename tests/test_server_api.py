@@ -106,6 +106,22 @@ def test_page_static_files_and_openapi_schema(served):
     assert client.request("/docs")[0] == 404  # Swagger UI would load from a CDN: not offered
 
 
+def test_warm_up_builds_the_scan_copy_before_the_first_query(served, monkeypatch):
+    """The server's warm-up builds what a long-lived process's searches use (here the flat index's 8-bit copy, made
+    worth it for 146 photos by lowering the size it starts at), so no user query pays for it."""
+    from clipsearch import vectors as vector_room
+
+    _, idx, _ = served
+    monkeypatch.setattr(vector_room, "_COPY_MIN", 100)
+    monkeypatch.setattr(idx.vectors().engine, "_copy", None)
+    web = server_room.WebServer(idx, "127.0.0.1", 0)
+    try:
+        web.warm_up()
+    finally:
+        web.socket.close()
+    assert idx.vectors().engine._copy is not None
+
+
 def test_info_and_collections(served):
     client, idx, photos = served
     info = client.json("/api/info")

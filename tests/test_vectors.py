@@ -507,3 +507,21 @@ def test_filtered_search_goes_through_the_8bit_copy_and_stays_exact(tmp_path, by
         assert index.search(query, 5, allowed=allowed).ids.tolist() == expected.tolist()
     assert index.search(query, 5, allowed=np.arange(10**6, 10**6 + 2000)).ids.tolist() == []
     assert filtered == [True] * 5
+
+
+def test_warm_builds_the_8bit_copy_that_the_first_search_then_uses(byte_copies, monkeypatch):
+    import clipsearch.vectors as vectors
+
+    vecs = unit(1000, dim=16, seed=31)
+    index = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
+    index.warm()
+    assert index.engine._copy is not None
+    used = []
+    search = vectors._ByteCopy.search
+    monkeypatch.setattr(vectors._ByteCopy, "search", lambda self, *a: used.append(1) or search(self, *a))
+    query = unit(1, dim=16, seed=32)[0]
+    assert index.search(query, 3).ids.tolist() == (np.argsort(-(vecs @ query), kind="stable")[:3] + 1).tolist()
+    assert used == [1]
+    small = VectorIndex.build(16, np.arange(1, 11), vecs[:10], generation=1)
+    small.warm()  # below the size where the copy pays: nothing built
+    assert small.engine._copy is None
