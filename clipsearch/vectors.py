@@ -356,6 +356,7 @@ class _Flat:
         self._mapping = mapping  # the buffer FAISS reads the vectors from, when they are mapped
         self._id_array: np.ndarray | None = None  # row -> id, cached for the split scan
         self._copy: _ByteCopy | None = None  # 8-bit copy of the rows, built on the second search
+        self._copy_tried = False  # built, or found impossible (NaN rows, FAISS): not tried again until a change
         self._searches = 0
 
     @property
@@ -370,7 +371,7 @@ class _Flat:
             self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
             self._mapping = None
         self._id_array = None
-        self._copy = None
+        self._copy, self._copy_tried = None, False
 
     def _rows(self) -> np.ndarray:
         """The float32 rows FAISS holds (mapped or owned), as an array that reads them in place."""
@@ -400,14 +401,15 @@ class _Flat:
         return out
 
     def warm(self) -> None:
-        if self.ntotal >= _COPY_MIN and self._copy is None:
-            self._copy = _ByteCopy.of(self._rows(), max(1, self._parts()))
+        if self.ntotal >= _COPY_MIN and not self._copy_tried:
+            self._copy_tried = True
+            self._copy = _ByteCopy.of(self._rows(), self._parts())
 
     def _parts(self) -> int:
-        return min(usable_cores(), self.ntotal // _SPLIT_MIN)
+        """Threads a scan of these rows is split between (1: not split)."""
+        return max(1, min(usable_cores(), self.ntotal // _SPLIT_MIN))
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        parts = self._parts()
         if self.ntotal >= _COPY_MIN:
             self._searches += 1
             if self._searches >= 2:
@@ -416,29 +418,27 @@ class _Flat:
             population = self.ntotal if allowed is None else len(allowed)
             if self._copy is not None and wanted <= population // 32:  # else re-scoring costs more than it saves
                 mask = None if allowed is None else self._allowed_rows(allowed)
-                found = self._certified_search(self._copy, query, k, wanted, mask)
+                found = self._certified_search(query, k, wanted, mask)
                 if found is not None:
                     return found
-        if allowed is None and parts > 1:
-            return self._split_search(query, k, parts)
+        if allowed is None and self._parts() > 1:
+            return self._split_search(query, k)
         params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         with _single_threaded():  # one query: OpenMP threads cost more than they bring (4x slower on 2 busy cores)
             scores, ids = self.index.search(query, k, params=params)
         return scores[0], ids[0]
 
-    def _split_search(self, query: np.ndarray, k: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    def _split_search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The scan is bound by memory bandwidth, which one core does not saturate: split the rows between threads
         (FAISS releases the GIL), each scanning its part exactly, and merge their top k. 1.4x faster than one
         thread at 100k x 512 on 2 cores."""
-        n = self.ntotal
         rows = self._rows()
-        bounds = np.linspace(0, n, parts + 1).astype(int).tolist()
 
         def scan(start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
             scores, positions = faiss.knn(query, rows[start:end], min(k, end - start), faiss.METRIC_INNER_PRODUCT)
             return scores[0], positions[0] + start
 
-        results = _side_by_side(scan, list(zip(bounds, bounds[1:])))
+        results = _side_by_side(scan, _part_bounds(self.ntotal, self._parts()))
         scores = np.concatenate([s for s, _p in results])
         positions = np.concatenate([p for _s, p in results])
         best = np.argsort(-scores, kind="stable")[:k]
@@ -455,33 +455,38 @@ class _Flat:
             return table[row_ids]
         return np.isin(row_ids, allowed)
 
-    def _certified_search(self, copy: "_ByteCopy", query: np.ndarray, k: int, wanted: int,
+    def _certified_search(self, query: np.ndarray, k: int, wanted: int,
                           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact top k from the 8-bit scan: its best candidates are re-scored from the float32 rows, and the answer
         is returned only when no row left out can beat the k-th, given the 8-bit scores' error bound; otherwise every
         row the bound cannot rule out is re-scored as well. A quarter of the bytes of the float32 scan, which memory
         bandwidth bounds, in integer arithmetic: 100k x 512 on 2 cores, 5.2 ms a query against 12.0 for the float32
         scan and 8.5 for the fp16 copy this replaced (one process, random vectors, busy machine). `mask` (a bool per
-        row, True where the filter allows it) restricts both scans: with half the rows allowed a query takes about as long, where FAISS's id
-        selector over the float32 rows took 8x longer than an unfiltered search. None for a zero query."""
+        row, True where the filter allows it) restricts both scans: with half the rows allowed a query takes about as
+        long, where FAISS's id selector over the float32 rows took 8x longer than an unfiltered search. None for a
+        zero query."""
+        copy = self._copy
+        assert copy is not None
         quantized = copy.quantize(query)
         if quantized is None:
             return None
         integers, t, error = quantized
         rows = self._rows()
-        found = copy.search(integers, t, wanted, mask)
-        positions = np.concatenate([p for _s, p in found])
-        if not len(positions):
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        exact = rows[positions] @ query[0]
-        best = np.argsort(-exact, kind="stable")[:k]
-        kth = exact[best[-1]]
-        unseen = max((float(s[-1]) for s, p in found if len(p) == wanted), default=-np.inf)  # best score left out
-        if unseen + error >= kth:  # a row outside the candidates might reach the k-th: take all that could
-            positions = np.union1d(positions, copy.above(integers, t, float(kth) - error, mask))
+
+        def best_of(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             exact = rows[positions] @ query[0]
             best = np.argsort(-exact, kind="stable")[:k]
-        return exact[best], self._row_ids()[positions[best]]
+            return exact[best], positions[best], exact[best[-1]]
+
+        found = copy.search(integers, t, wanted, mask)
+        candidates = np.concatenate([p for _s, p in found])
+        if not len(candidates):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        scores, positions, kth = best_of(candidates)
+        unseen = max((float(s[-1]) for s, p in found if len(p) == wanted), default=-np.inf)  # best score left out
+        if unseen + error >= kth:  # a row outside the candidates might reach the k-th: take all that could
+            scores, positions, _kth = best_of(np.union1d(candidates, copy.above(integers, t, float(kth) - error, mask)))
+        return scores, self._row_ids()[positions]
 
     def compact(self) -> None:
         pass  # removal is immediate
@@ -535,8 +540,7 @@ class _ByteCopy:
         limit = min(127, math.isqrt((1 << 24) // dim))
         if not _scores_integers_exactly(dim, limit):
             return None
-        edges = np.linspace(0, n, parts + 1).astype(int).tolist()
-        bounds = list(zip(edges, edges[1:]))
+        bounds = _part_bounds(n, parts)
 
         def largest(start: int, end: int) -> np.ndarray:
             peak = np.zeros(dim, np.float32)
@@ -586,9 +590,10 @@ class _ByteCopy:
         t = self.limit / top
         exact = divided * t
         integers = np.rint(exact)
-        error = (np.linalg.norm(integers) * self.residual + np.linalg.norm(integers - exact) * self.scaled_norm)
-        rescore = 1.01 * self.scale.size * 2.0 ** -24 * float(np.linalg.norm(query[0].astype(np.float64))) * self.max_norm
-        error = error * (1 + 1e-6) / t + rescore
+        rounding = np.linalg.norm(integers) * self.residual + np.linalg.norm(integers - exact) * self.scaled_norm
+        length = float(np.linalg.norm(query[0].astype(np.float64)))
+        rescore = 1.01 * len(self.scale) * 2.0 ** -24 * length * self.max_norm  # the float32 re-score of a candidate
+        error = rounding * (1 + 1e-6) / t + rescore
         return integers.astype(np.float32)[None], t, float(error)
 
     def search(self, integers: np.ndarray, t: float, k: int,
@@ -902,6 +907,12 @@ def _pool() -> ThreadPoolExecutor:
         _POOL = ThreadPoolExecutor(max_workers=max(1, usable_cores() - 1), thread_name_prefix="clipsearch-faiss",
                                    initializer=faiss.omp_set_num_threads, initargs=(1,))
     return _POOL
+
+
+def _part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """(start, end) of `parts` near-equal consecutive parts of n rows."""
+    edges = np.linspace(0, n, parts + 1).astype(int).tolist()
+    return list(zip(edges, edges[1:]))
 
 
 def _side_by_side(work: Callable[..., _T], calls: Sequence[tuple]) -> list[_T]:

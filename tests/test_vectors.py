@@ -470,9 +470,14 @@ def test_8bit_path_answers_a_zero_query_and_skips_rows_it_cannot_copy(byte_copie
     assert index.engine._copy is not None
     vecs[3, 2] = np.inf
     broken = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
-    for _ in range(2):
+    builds = []
+    of = vectors._ByteCopy.of
+    monkeypatch.setattr(vectors._ByteCopy, "of", lambda rows, parts: builds.append(1) or of(rows, parts))
+    for _ in range(4):
         assert broken.search(unit(1, dim=16, seed=15)[0], 3).ids.tolist()
     assert broken.engine._copy is None
+    assert builds == [1]  # found impossible once, not tried again on every search
+    monkeypatch.setattr(vectors._ByteCopy, "of", of)
     # a FAISS whose 8-bit kernel did not score integers exactly gets no copy: the float32 scan answers
     monkeypatch.setattr(vectors, "_scores_integers_exactly", lambda dim, limit: False)
     vecs[3, 2] = 0.5
@@ -494,7 +499,8 @@ def test_filtered_search_goes_through_the_8bit_copy_and_stays_exact(tmp_path, by
     ids, index = shuffled_flat(tmp_path, vecs, first_id=1, seed=22, mapped=mapped)
     filtered = []
     search = vectors._ByteCopy.search
-    monkeypatch.setattr(vectors._ByteCopy, "search", lambda self, *a: filtered.append(a[3] is not None) or search(self, *a))
+    monkeypatch.setattr(vectors._ByteCopy, "search",
+                        lambda self, *a: filtered.append(a[3] is not None) or search(self, *a))
     rng = np.random.default_rng(23)
     query = unit(1, dim=32, seed=24)[0]
     index.search(query, 3)  # the first search builds no copy
