@@ -242,8 +242,12 @@ def _read_coco(document: dict, path: Path, parsed: ParsedCaptions) -> None:
     """COCO captions: annotations {image_id, caption} joined to images {id, file_name}, images found beside the
     annotations folder (coco/annotations/captions_val2017.json -> coco/val2017/NAME)."""
     files: dict[Any, str] = {}
-    for image in document.get("images") or []:
-        if isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str):
+    images = document.get("images")
+    if images is not None and not isinstance(images, list):
+        parsed.problems.append(RowProblem("images", "'images' is not a list (captions kept without images)"))
+        images = None
+    for image in images or []:
+        if isinstance(image, dict) and _is_id(image.get("id")) and isinstance(image.get("file_name"), str):
             files[image["id"]] = image["file_name"]
     split = re.sub(r"^captions_", "", path.stem)
     roots = [path.parent.parent / split, path.parent / split, path.parent.parent / "images" / split,
@@ -254,7 +258,7 @@ def _read_coco(document: dict, path: Path, parsed: ParsedCaptions) -> None:
         if not isinstance(annotation, dict) or "caption" not in annotation:
             parsed.problems.append(RowProblem(where, "annotation without a 'caption'"))
             continue
-        name = files.get(annotation.get("image_id"))
+        name = files.get(annotation.get("image_id")) if _is_id(annotation.get("image_id")) else None
         image = None
         if name is not None and _is_valid_unicode(name):
             image = _coco_image(name, roots, found_root)
@@ -262,6 +266,11 @@ def _read_coco(document: dict, path: Path, parsed: ParsedCaptions) -> None:
             parsed.problems.append(RowProblem(where, f"image_id {annotation.get('image_id')!r} is not in 'images' "
                                                      f"(caption kept without an image)"))
         _add(parsed, annotation["caption"], image, where)
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are numbers or strings; anything else (a list, an object) cannot name an image."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def _coco_image(name: str, roots: list[Path], found_root: dict[str, Path]) -> str:

@@ -81,6 +81,20 @@ def test_coco_json_links_each_caption_to_its_image(tmp_path):
     assert [p.where for p in parsed.problems] == ["annotation 2", "annotation 3"]
 
 
+@pytest.mark.parametrize("images", [True, 3, "x.jpg", {"id": 1}])
+def test_coco_json_with_malformed_images_keeps_its_captions(tmp_path, images):
+    """Found by the fuzz test: 'images': true raised a TypeError; ids that are lists or objects did too."""
+    doc = {"images": images, "annotations": [{"image_id": 1, "caption": "A plane."},
+                                             {"image_id": [1], "caption": "Listed id."}]}
+    parsed = read_captions(write(tmp_path / "captions.json", json.dumps(doc)))
+    assert [(r.text, r.image) for r in parsed.rows] == [("A plane.", None), ("Listed id.", None)]
+    assert parsed.problems[0].where == "images" and "not a list" in parsed.problems[0].reason
+    doc = {"images": [{"id": [1], "file_name": "a.jpg"}, {"id": True, "file_name": "b.jpg"}],
+           "annotations": [{"image_id": {"x": 1}, "caption": "Object id."}, {"image_id": 1, "caption": "True?"}]}
+    parsed = read_captions(write(tmp_path / "captions.json", json.dumps(doc)))
+    assert [(r.text, r.image) for r in parsed.rows] == [("Object id.", None), ("True?", None)]
+
+
 def test_real_coco_and_flickr_files_read_cleanly():
     coco = read_captions(shared("coco-mini", "annotations", "captions_val2017.json"))
     assert len(coco.rows) == 395 and not coco.problems
