@@ -318,7 +318,8 @@ def info(index_dir: str | None, as_json: bool) -> None:
     click.echo(f"model       {data['model']} / {data['pretrained']} ({data['dim']}-d"
                + (f", images embedded in {data['precision']})" if data.get("precision") else ")"))
     if data.get("query_encoder"):
-        encoder = {"onnx": "onnx (text queries need no torch)", "torch": "torch (text queries load the model)"}
+        encoder = {"onnx": f"onnx, {data['query_weights']} weights (text queries need no torch)",
+                   "torch": "torch (text queries load the model)"}
         note = f"  [{data['query_encoder_note']}]" if data["query_encoder"] == "torch" and data["query_encoder_note"] \
             else ""
         click.echo(f"queries     {encoder[data['query_encoder']]}{note}")

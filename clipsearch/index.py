@@ -217,8 +217,9 @@ class Index:
             return None  # tried for this very model and version: the reason was reported then
         if meta.get("text_encoder") == "onnx" and self.text_encoder_path.is_file():
             try:
-                OnnxTextEncoder(self.text_encoder_path, identity=identity)
-                if meta.get("text_encoder_identity") == identity:
+                existing = OnnxTextEncoder(self.text_encoder_path, identity=identity)
+                # a file from before int8 twins (no "weights" key) is exported again, once, for the faster queries
+                if meta.get("text_encoder_identity") == identity and "weights" in existing.metadata:
                     return None
             except (ModelError, ModelMismatch):  # missing weights, damaged, another model's: export again
                 pass
@@ -616,6 +617,7 @@ class Index:
             "precision": meta.get("precision"),
             "query_encoder": self.query_encoder if meta.get("identity") else None,
             "query_encoder_note": meta.get("text_encoder_note") or None,
+            "query_weights": encoder.weights if (encoder := self.text_encoder()) is not None else None,
             "vector_index": _vector_index(self.faiss_path),
             "generation": int(meta.get("generation", 0)),
             "captions": self.store.caption_count(),

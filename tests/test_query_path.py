@@ -219,6 +219,24 @@ def test_a_damaged_or_foreign_text_encoder_falls_back_to_torch_and_is_repaired(i
         assert idx.query_encoder == "onnx" and [h.id for h in idx.search("a dog", k=4)] == expected
 
 
+def test_a_text_encoder_from_before_int8_is_exported_again_once(index_copy):
+    import onnx
+
+    path, photos = index_copy
+    proto = onnx.load(str(path / TEXT_ENCODER_NAME), load_external_data=False)
+    for prop in [p for p in proto.metadata_props if p.key in ("clipsearch.weights", "clipsearch.int8")]:
+        proto.metadata_props.remove(prop)
+    onnx.save_model(proto, str(path / TEXT_ENCODER_NAME))  # what the previous version wrote
+    with clipsearch.open(path) as idx:
+        assert "weights" not in idx.text_encoder().metadata
+        idx.index([photos], workers=0)
+        assert idx._model is not None and idx.text_encoder().weights == "float32"
+        assert "weights" in idx.text_encoder().metadata
+    with clipsearch.open(path) as idx:  # done: the next refresh loads no model
+        idx.index([photos], workers=0)
+        assert idx._model is None
+
+
 def test_an_export_failure_is_a_warning_and_not_retried_for_the_same_model(index_copy, monkeypatch):
     path, photos = index_copy
     (path / TEXT_ENCODER_NAME).unlink()
@@ -264,5 +282,5 @@ def test_info_names_the_query_encoder(built):
     path, _, _ = built
     run = run_cli_in_fresh_python([["info", "--index", str(path)], ["info", "--index", str(path), "--json"]])
     text, data = run["outputs"][0][1], json.loads(run["outputs"][1][1])
-    assert "queries     onnx (text queries need no torch)" in text
-    assert data["query_encoder"] == "onnx" and "torch" not in run["imported"]
+    assert "queries     onnx, float32 weights (text queries need no torch)" in text  # the tiny tower has no int8
+    assert data["query_encoder"] == "onnx" and data["query_weights"] == "float32" and "torch" not in run["imported"]
