@@ -67,9 +67,18 @@ def text_latencies(checkpoint: Path, onnx_path: Path, runs: int) -> dict[str, fl
     export_text_tower(model, onnx_path)
     exported = time.perf_counter() - start
     encoder = OnnxTextEncoder(onnx_path, identity=model.identity)
+    float32 = OnnxTextEncoder(export_text_tower(model, onnx_path.with_name("float32.onnx"), int8=False))
     captions = [f"a photo of {n} dogs playing in the snow near a red house" for n in range(64)]
-    for fn in (model.encode_texts, encoder.encode_texts):
+    for fn in (model.encode_texts, encoder.encode_texts, float32.encode_texts):
         fn([QUERY])  # warm-up
+    queries = [f"{n} dogs near a red house" for n in range(max(runs, 5) * 10)]  # distinct, alternating the two files
+    timed: dict[str, list[float]] = {"int8": [], "float32": []}
+    for i, query in enumerate(queries):
+        pair = [("int8", encoder), ("float32", float32)]
+        for name, one in pair if i % 2 else pair[::-1]:
+            start = time.perf_counter()
+            one.encode_texts([query])
+            timed[name].append(time.perf_counter() - start)
     out = {
         "export_s": exported,
         "torch_query_ms": 1000 * median_time(lambda: model.encode_texts([QUERY]), max(runs, 5)),
@@ -77,6 +86,8 @@ def text_latencies(checkpoint: Path, onnx_path: Path, runs: int) -> dict[str, fl
         "torch_64_ms": 1000 * median_time(lambda: model.encode_texts(captions), runs),
         "onnx_64_ms": 1000 * median_time(lambda: encoder.encode_texts(captions), runs),
         "min_cosine": float((model.encode_texts(captions + [QUERY]) * encoder.encode_texts(captions + [QUERY])).sum(1).min()),
+        "weights": encoder.weights, "int8_note": encoder.int8_note,
+        "alternating_ms": {name: 1000 * statistics.median(times) for name, times in timed.items()},
     }
     return out
 
@@ -138,7 +149,12 @@ def main() -> None:
           f"   torch/ONNX = {text['torch_query_ms'] / text['onnx_query_ms']:.1f}x")
     print(f"text, 64 captions: torch {text['torch_64_ms']:.0f} ms   ONNX {text['onnx_64_ms']:.0f} ms"
           f"   torch/ONNX = {text['torch_64_ms'] / text['onnx_64_ms']:.1f}x   min cosine {text['min_cosine']:.6f}")
-    print(f"ONNX export of the text tower: {text['export_s']:.1f} s")
+    print(f"ONNX export of the text tower: {text['export_s']:.1f} s; its weights: {text['weights']} "
+          f"({text['int8_note']})")
+    alternating = text["alternating_ms"]
+    print(f"text, one query at a time, the int8 and float32 ONNX files alternating: int8 {alternating['int8']:.1f} ms"
+          f"   float32 {alternating['float32']:.1f} ms   float32/int8 = "
+          f"{alternating['float32'] / alternating['int8']:.2f}x")
     print(f"cold text query in a new process, median of {args.runs}: wall {cold['wall']:.3f} s "
           f"(bare python {cold['python']:.3f} s; import clipsearch.text_onnx + onnxruntime {cold['import']:.3f} s, "
           f"load {cold['load']:.3f} s, first query {cold['first']:.3f} s); no torch imported")
