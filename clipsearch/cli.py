@@ -320,8 +320,8 @@ def info(index_dir: str | None, as_json: bool) -> None:
     if data.get("query_encoder"):
         encoder = {"onnx": f"onnx, {data['query_weights']} weights (text queries need no torch)",
                    "torch": "torch (text queries load the model)"}
-        note = f"  [{data['query_encoder_note']}]" if data["query_encoder"] == "torch" and data["query_encoder_note"] \
-            else ""
+        note = data["query_encoder_note"] if data["query_encoder"] == "torch" else data["query_weights_note"]
+        note = f"  [{note}]" if note else ""
         click.echo(f"queries     {encoder[data['query_encoder']]}{note}")
     click.echo(f"images      {data['images']}  (errors: {data['errors']})")
     if data.get("vector_index"):

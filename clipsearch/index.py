@@ -618,6 +618,7 @@ class Index:
             "query_encoder": self.query_encoder if meta.get("identity") else None,
             "query_encoder_note": meta.get("text_encoder_note") or None,
             "query_weights": encoder.weights if (encoder := self.text_encoder()) is not None else None,
+            "query_weights_note": (encoder.int8_note or None) if encoder is not None else None,
             "vector_index": _vector_index(self.faiss_path),
             "generation": int(meta.get("generation", 0)),
             "captions": self.store.caption_count(),

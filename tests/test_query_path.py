@@ -282,5 +282,7 @@ def test_info_names_the_query_encoder(built):
     path, _, _ = built
     run = run_cli_in_fresh_python([["info", "--index", str(path)], ["info", "--index", str(path), "--json"]])
     text, data = run["outputs"][0][1], json.loads(run["outputs"][1][1])
-    assert "queries     onnx, float32 weights (text queries need no torch)" in text  # the tiny tower has no int8
+    # the tiny tower's two blocks are the ones int8 keeps in float32
+    assert "queries     onnx, float32 weights (text queries need no torch)  [no matrix to quantize]" in text
     assert data["query_encoder"] == "onnx" and data["query_weights"] == "float32" and "torch" not in run["imported"]
+    assert data["query_weights_note"] == "no matrix to quantize"
