@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import BadInput
+from .errors import BadInput, first_line
 
 FORMATS = ("txt", "csv", "tsv", "jsonl", "json")
 TEXT_FIELDS = ("caption", "captions", "text", "description", "sentence", "sentences")
@@ -216,7 +216,7 @@ def _read_jsonl(text: str, field_name: str | None, base: Path, parsed: ParsedCap
         try:
             obj = json.loads(line)
         except ValueError as exc:
-            parsed.problems.append(RowProblem(where, f"not valid JSON ({_first_line(exc)})"))
+            parsed.problems.append(RowProblem(where, f"not valid JSON ({first_line(exc)})"))
             continue
         _add_object(parsed, obj, field_name, base, where)
 
@@ -225,7 +225,7 @@ def _read_json(text: str, field_name: str | None, path: Path, parsed: ParsedCapt
     try:
         document = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise BadInput(f"{path} is not valid JSON ({_first_line(exc)})") from None
+        raise BadInput(f"{path} is not valid JSON ({first_line(exc)})") from None
     if isinstance(document, dict) and isinstance(document.get("annotations"), list):
         _read_coco(document, path, parsed)
         return
@@ -282,7 +282,3 @@ def _coco_image(name: str, roots: list[Path], found_root: dict[str, Path]) -> st
             found_root["root"] = root
             return os.path.abspath(root / name)
     return os.path.abspath(roots[0] / name)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]

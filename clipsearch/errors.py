@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A one-line reason from any exception (third-party messages span lines or are empty), at most ``limit`` long."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class ClipsearchError(Exception):
     """Base of every error the library raises on purpose; the message is one line meant for a person."""
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BadInput, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex
+from .errors import BadInput, IndexBusy, IndexMissing, ModelError, ModelMismatch, NotAnIndex, first_line
 from .home import resolve_index
 from .query import Filters, Hit, check_k, check_threshold, query_vector, search_captions, search_images
 from .query_syntax import Query
@@ -241,7 +241,7 @@ class Index:
             values = {"text_encoder": "torch", "text_encoder_note": str(exc)}
             warning = f"text queries will load the torch model: {exc}"
         except Exception as exc:  # noqa: BLE001 - any exporter failure only costs query speed, never the run
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             values = {"text_encoder": "torch", "text_encoder_note": f"export failed: {first}"}
             warning = f"could not export the text encoder to ONNX ({first}); text queries will load the torch model"
         if values["text_encoder"] == "torch":

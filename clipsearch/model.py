@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .media import PreprocessSpec, fingerprint
 from .tokenizer import ClipTokenizer, UnsupportedTokenizer, from_open_clip
 
@@ -246,8 +246,7 @@ class ClipModel:
                 raise ModelError(_offline_hint(spec)) from exc
             raise ModelError(f"cannot load {spec.name} with '{spec.pretrained}': {text.splitlines()[0]}") from exc
         except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"cannot read checkpoint '{spec.pretrained}': {first}") from exc
+            raise ModelError(f"cannot read checkpoint '{spec.pretrained}': {first_line(exc)}") from exc
         finally:
             quiet.setLevel(previous)
         net.eval()

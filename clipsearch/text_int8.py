@@ -26,7 +26,6 @@ __all__ = ["FLOAT_BLOCKS", "write_int8"]
 
 FLOAT_BLOCKS = 2
 _BLOCK = re.compile(r"/resblocks\.(\d+)/")
-_ALIGN = 65536  # as text_onnx: big tensors at offsets onnxruntime can map
 
 
 def _quantizable(node: Any, weights: dict[str, Any]) -> bool:
@@ -58,7 +57,9 @@ def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, s
     with ``metadata`` (full keys) replacing the source's. Returns how many matrices were quantized; 0 writes nothing.
     """
     import onnx
-    from onnx.helper import make_node, make_opsetid, np_dtype_to_tensor_dtype
+    from onnx.helper import make_node, make_opsetid
+
+    from .text_onnx import WeightsFile
 
     proto = onnx.load(str(source), load_external_data=False)
     weights = {t.name: t for t in proto.graph.initializer}
@@ -67,35 +68,20 @@ def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, s
         return 0
     quantized = {n.input[1] for n in nodes}
     stored: list[Any] = []
-    offset = 0
-    with open(data, "wb") as f:
-        def put(name: str, array: np.ndarray) -> None:
-            nonlocal offset
-            array = np.ascontiguousarray(array)
-            align = _ALIGN if array.nbytes > 1 << 20 else 64
-            offset = -(-offset // align) * align
-            f.seek(offset)
-            f.write(memoryview(array.reshape(-1)).cast("B"))
-            tensor = onnx.TensorProto(name=name, data_type=np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                                      data_location=onnx.TensorProto.EXTERNAL)
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(array.nbytes))):
-                tensor.external_data.add(key=key, value=value)
-            stored.append(tensor)
-            offset += array.nbytes
-
+    with WeightsFile(data) as out:
         for tensor in proto.graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 stored.append(tensor)
                 continue
             array = _read(tensor, source.parent)
             if tensor.name not in quantized:
-                put(tensor.name, array)
+                stored.append(out.put(tensor.name, array))
                 continue
             top = float(np.abs(array).max())
             scale = np.float32(top / 127 if top > 0 else 1.0)
-            put(f"{tensor.name}.int8", np.clip(np.rint(array / scale), -127, 127).astype(np.int8))
-            put(f"{tensor.name}.scale", np.array(scale, np.float32))
-            put(f"{tensor.name}.zero", np.array(0, np.int8))
+            stored += [out.put(f"{tensor.name}.int8", np.clip(np.rint(array / scale), -127, 127).astype(np.int8)),
+                       out.put(f"{tensor.name}.scale", np.array(scale, np.float32)),
+                       out.put(f"{tensor.name}.zero", np.array(0, np.int8))]
     for node in nodes:
         weight = node.input[1]
         position = list(proto.graph.node).index(node)

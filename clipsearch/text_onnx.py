@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .cores import usable_cores
-from .errors import ModelError, ModelMismatch
+from .errors import ModelError, ModelMismatch, first_line
 from .tokenizer import ClipTokenizer, from_open_clip
 
 __all__ = ["FORMAT_VERSION", "OnnxTextEncoder", "export_text_tower", "read_metadata"]
@@ -230,6 +230,39 @@ def export_text_tower(clip_model: Any, path: str | os.PathLike, *, dynamo: bool 
 _ALIGN = 65536  # onnx's own allocation granularity for tensors over 1 MB: onnxruntime can map them as they are
 
 
+class WeightsFile:
+    """Tensors written one after another into one external-data file, those over 1 MB at offsets onnxruntime can map
+    as they are; `put` returns the initializer that points at its tensor (onnx's own helper wants the bytes in the
+    proto first: a copy of every tensor)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def __enter__(self) -> "WeightsFile":
+        self._file = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def put(self, name: str, array: np.ndarray) -> Any:
+        import onnx
+        from onnx.helper import np_dtype_to_tensor_dtype
+
+        array = np.ascontiguousarray(array)
+        align = _ALIGN if array.nbytes > 1 << 20 else 64
+        self._offset = -(-self._offset // align) * align
+        self._file.seek(self._offset)
+        self._file.write(memoryview(array.reshape(-1)).cast("B"))
+        tensor = onnx.TensorProto(name=name, data_type=np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        self._offset += array.nbytes
+        return tensor
+
+
 def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
     """Turn the graph's weight inputs into initializers stored in ``data``, written tensor by tensor from the module.
 
@@ -237,9 +270,6 @@ def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
     constant folding the exporter would have done, and onnxruntime would otherwise redo at every load (a cold query).
     Memory stays at one tensor's copy at most; letting torch serialise the weights into the protobuf grew the process
     by 870-900 MB (ViT-B-32 text tower, 255 MB), against 320-400 MB now, mostly the check session."""
-    import onnx
-    from onnx.helper import np_dtype_to_tensor_dtype
-
     tensors = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
     weights = [i.name for i in proto.graph.input[1:]]
     unknown = [name for name in weights if name not in tensors]
@@ -260,22 +290,10 @@ def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
         else:
             planned.append((name, name, None))
     del proto.graph.input[1:]
-    offset = 0
-    with open(data, "wb") as f:
+    with WeightsFile(data) as out:
         for name, weight, perm in planned:
             array = tensors[weight].detach().cpu().numpy()
-            array = np.ascontiguousarray(array if perm is None else array.transpose(perm))
-            align = _ALIGN if array.nbytes > 1 << 20 else 64
-            offset = -(-offset // align) * align
-            f.seek(offset)
-            f.write(memoryview(array.reshape(-1)).cast("B"))
-            tensor = onnx.TensorProto(name=name, data_type=np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                                      data_location=onnx.TensorProto.EXTERNAL)
-            # onnx's external_data_helper.set_external_data wants the bytes in the proto first: the copy avoided here
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(array.nbytes))):
-                tensor.external_data.add(key=key, value=value)
-            proto.graph.initializer.append(tensor)
-            offset += array.nbytes
+            proto.graph.initializer.append(out.put(name, array if perm is None else array.transpose(perm)))
 
 
 def _check_file(path: Path, tokens: np.ndarray, reference: np.ndarray, trim: bool) -> None:
@@ -313,8 +331,7 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
                         _torch_export(graph, tokens, raw, trim, use_dynamo)
                     break
                 except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other, then report both
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    errors.append(f"{'torch.export' if use_dynamo else 'torchscript'}: {first[:200]}")
+                    errors.append(f"{'torch.export' if use_dynamo else 'torchscript'}: {first_line(exc, 200)}")
             else:
                 raise ModelError(f"cannot export the text tower of {clip_model.spec.name} to ONNX: {'; '.join(errors)}")
             proto = onnx.load(str(raw))
@@ -412,8 +429,7 @@ def _prefer_int8(proto: Any, graph: Any, tokenizer: ClipTokenizer, trim: bool, p
                 return twin, twin_data
             why = f"int8 cosine {worst:.5f} < {_INT8_CHECK_COSINE} against torch"
     except Exception as exc:  # noqa: BLE001 - an int8 twin that cannot be built or run only costs speed
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        why = f"int8 failed: {first[:200]}"
+        why = f"int8 failed: {first_line(exc, 200)}"
     except BaseException:
         twin.unlink(missing_ok=True)
         twin_data.unlink(missing_ok=True)
@@ -486,8 +502,7 @@ class OnnxTextEncoder:
             self._session = ort.InferenceSession(str(self.path), _session_options(threads, long_lived),
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"cannot load text encoder {self.path}: {first[:300]}") from exc
+            raise ModelError(f"cannot load text encoder {self.path}: {first_line(exc)}") from exc
         self.metadata = meta = read_metadata(self._session)
         if meta.get("format") != FORMAT_VERSION or meta.get("tokenizer") != "clip-bpe":
             raise ModelError(f"{self.path} is not a clipsearch text encoder (format {meta.get('format')!r})")
