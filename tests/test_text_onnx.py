@@ -181,8 +181,10 @@ print(json.dumps({"growth": status("VmHWM") - before, "weights": text}))
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets VmHWM through /proc")
 def test_export_holds_about_one_copy_of_the_text_weights(vitb32_random, tmp_path):
     """Letting torch serialise the weights into the protobuf grew the process by 870-900 MB (3.5x the ViT-B-32 text
-    tower's 255 MB of float32 weights) at its peak; written tensor by tensor, 320-530 MB, mostly onnxruntime's check
-    session. The int8 twin, written and checked after it, does not raise the peak."""
+    tower's 242 MiB of float32 weights) at its peak. Written tensor by tensor: 1.87-1.92x (4 runs), two copies that
+    are inherent and file-backed (the checkpoint's text weights, first touched by the trace, and the written file,
+    mapped by onnxruntime's check session), so the bound leaves room above 2x. The int8 twin, written and checked
+    after that, does not raise the peak."""
     import torch
 
     net, _ = vitb32_random
@@ -192,7 +194,7 @@ def test_export_holds_about_one_copy_of_the_text_weights(vitb32_random, tmp_path
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    assert measured["growth"] <= 2 * measured["weights"], measured
+    assert measured["growth"] <= 2.5 * measured["weights"], measured
 
 
 @pytest.mark.slow
