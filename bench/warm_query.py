@@ -98,7 +98,8 @@ def main() -> None:
                 torch_encode.append(time.perf_counter() - t0)
         load = os.getloadavg()
         print(f"index: {path} ({vectors.ntotal} vectors, {vectors.dim}-d, FAISS kind {vectors.kind}, loaded in "
-              f"{loaded:.2f} s); text encoder: {idx.query_encoder}; {len(queries)} queries; load average "
+              f"{loaded:.2f} s); text encoder: {idx.query_encoder} ({idx.info()['query_weights']} weights); "
+              f"{len(queries)} queries; load average "
               f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
     print(line("Index.search(text, k=10): encode+search+rows", full))
     print(line("  the same, CPU time of the process (all threads)", full_cpu))
