@@ -64,6 +64,12 @@ def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, s
     proto = onnx.load(str(source), load_external_data=False)
     weights = {t.name: t for t in proto.graph.initializer}
     nodes = [n for n in proto.graph.node if _quantizable(n, weights)]
+    # a weight is replaced only when every node reading it is quantized (a shared one would lose its float reader)
+    readers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    nodes = [n for n in nodes if readers[n.input[1]] == sum(m.input[1] == n.input[1] for m in nodes)]
     if not nodes:
         return 0
     quantized = {n.input[1] for n in nodes}
