@@ -440,9 +440,9 @@ def _prefer_int8(proto: Any, graph: Any, tokenizer: ClipTokenizer, trim: bool, p
             tokens = tokenizer(_check_texts())
             worst = _int8_agreement(twin, tokens, _sample_reference(graph, tokens, trim), singly=40)
             if worst >= _INT8_CHECK_COSINE:
-                proto = onnx.load(str(twin), load_external_data=False)
-                proto.metadata_props.add(key=_PREFIX + "int8", value=f"cosine {worst:.5f} against torch")
-                onnx.save_model(proto, str(twin))
+                twin_proto = onnx.load(str(twin), load_external_data=False)  # `proto` stays the float32 graph
+                twin_proto.metadata_props.add(key=_PREFIX + "int8", value=f"cosine {worst:.5f} against torch")
+                onnx.save_model(twin_proto, str(twin))
                 tmp.unlink()
                 data.unlink()
                 return twin, twin_data

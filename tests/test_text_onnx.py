@@ -258,6 +258,26 @@ def test_int8_failure_costs_only_speed(tiny_model, tmp_path, monkeypatch):
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_a_failure_after_the_twin_passed_commits_the_float32_file(tiny_model, tmp_path, monkeypatch):
+    """Saving the passing twin's note fails: the float32 graph, not the twin's, must be what is written and committed."""
+    import onnx
+
+    real_save = onnx.save_model
+
+    def save_model(proto, path, *args, **kwargs):
+        if str(path).endswith(".int8") and any(p.key == "clipsearch.int8" for p in proto.metadata_props):
+            raise OSError("disk full")
+        return real_save(proto, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", save_model)
+    path = int8_export(tiny_model, tmp_path / "text.onnx", monkeypatch, bar=0.9)
+    encoder = OnnxTextEncoder(path)
+    assert encoder.weights == "float32" and encoder.int8_note == "int8 failed: disk full"
+    assert len(list(tmp_path.iterdir())) == 2
+    texts = sample_texts(20, seed=7)
+    assert min_cosine(encoder.encode_texts(texts), tiny_model.encode_texts(texts)) >= 0.9999
+
+
 def test_interrupted_int8_check_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
     path = export_text_tower(tiny_model, tmp_path / "text.onnx")
     before = sorted(p.name for p in tmp_path.iterdir())
