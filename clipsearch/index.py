@@ -215,17 +215,21 @@ class Index:
         attempt = attempt_for(identity)
         if meta.get("text_encoder") == "torch" and meta.get("text_encoder_for") == attempt:
             return None  # tried for this very model and version: the reason was reported then
+        upgrade = False  # a working file from before int8 twins: try once for faster queries, never lose it
         if meta.get("text_encoder") == "onnx" and self.text_encoder_path.is_file():
             try:
                 existing = OnnxTextEncoder(self.text_encoder_path, identity=identity)
-                # a file from before int8 twins (no "weights" key) is exported again, once, for the faster queries
-                if meta.get("text_encoder_identity") == identity and "weights" in existing.metadata:
-                    return None
+                if meta.get("text_encoder_identity") == identity:
+                    if "weights" in existing.metadata or meta.get("text_encoder_upgrade_for") == attempt:
+                        return None
+                    upgrade = True
             except (ModelError, ModelMismatch):  # missing weights, damaged, another model's: export again
                 pass
         try:
             model = self.model
         except (ModelError, ModelMismatch) as exc:  # e.g. the checkpoint is gone: this run embedded nothing
+            if upgrade:
+                return self._upgrade_tried(attempt)
             return f"could not export the text encoder: {exc}"
         attempt = attempt_for(model.identity)  # the stored one, or (an index from before identities) the model's
         warning = None
@@ -244,6 +248,8 @@ class Index:
             first = first_line(exc)
             values = {"text_encoder": "torch", "text_encoder_note": f"export failed: {first}"}
             warning = f"could not export the text encoder to ONNX ({first}); text queries will load the torch model"
+        if upgrade and values["text_encoder"] == "torch":  # the export left the working file as it was: keep it
+            return self._upgrade_tried(attempt)
         if values["text_encoder"] == "torch":
             values["text_encoder_identity"] = ""
             self.text_encoder_path.unlink(missing_ok=True)  # a file of an older model must not linger
@@ -252,6 +258,12 @@ class Index:
             self.store.set_meta(values)
         self._text_encoder = None  # a new file: reload on next use
         return warning
+
+    def _upgrade_tried(self, attempt: str) -> None:
+        """Remember that re-exporting a working pre-int8 text encoder failed for this model and version, so later
+        runs neither load the model nor warn for it again; the file stays as it was."""
+        with self.store.transaction():
+            self.store.set_meta({"text_encoder_upgrade_for": attempt})
 
     def text_encoder(self) -> OnnxTextEncoder | None:
         """The ONNX text encoder when the index has a valid one for its model, else None (text goes through torch).

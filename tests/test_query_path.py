@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import clipsearch
+from clipsearch.errors import ModelError
 from clipsearch.index import TEXT_ENCODER_ENV, TEXT_ENCODER_NAME
 from conftest import REPO, TINY_MODEL, shared
 
@@ -219,14 +220,19 @@ def test_a_damaged_or_foreign_text_encoder_falls_back_to_torch_and_is_repaired(i
         assert idx.query_encoder == "onnx" and [h.id for h in idx.search("a dog", k=4)] == expected
 
 
-def test_a_text_encoder_from_before_int8_is_exported_again_once(index_copy):
+def as_before_int8(path: Path) -> None:
+    """Make the index's text encoder look like one the previous version wrote (no weights metadata)."""
     import onnx
 
-    path, photos = index_copy
     proto = onnx.load(str(path / TEXT_ENCODER_NAME), load_external_data=False)
     for prop in [p for p in proto.metadata_props if p.key in ("clipsearch.weights", "clipsearch.int8")]:
         proto.metadata_props.remove(prop)
-    onnx.save_model(proto, str(path / TEXT_ENCODER_NAME))  # what the previous version wrote
+    onnx.save_model(proto, str(path / TEXT_ENCODER_NAME))
+
+
+def test_a_text_encoder_from_before_int8_is_exported_again_once(index_copy):
+    path, photos = index_copy
+    as_before_int8(path)
     with clipsearch.open(path) as idx:
         assert "weights" not in idx.text_encoder().metadata
         idx.index([photos], workers=0)
@@ -235,6 +241,32 @@ def test_a_text_encoder_from_before_int8_is_exported_again_once(index_copy):
     with clipsearch.open(path) as idx:  # done: the next refresh loads no model
         idx.index([photos], workers=0)
         assert idx._model is None
+
+
+@pytest.mark.parametrize("failure", ["export", "model"])
+def test_a_failed_upgrade_keeps_the_working_text_encoder_and_is_not_retried(index_copy, monkeypatch, failure):
+    path, photos = index_copy
+    as_before_int8(path)
+    before = sorted(p.name for p in path.iterdir() if p.name.startswith(TEXT_ENCODER_NAME))
+    with clipsearch.open(path, create=False) as idx:
+        expected = [h.id for h in idx.search("a dog", k=4)]
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise (RuntimeError("exporter exploded") if failure == "export" else ModelError("checkpoint gone"))
+
+    if failure == "export":
+        monkeypatch.setattr("clipsearch.text_onnx.export_text_tower", broken)
+    else:
+        monkeypatch.setattr(clipsearch.Index, "model", property(broken))
+    for _ in range(2):
+        with clipsearch.open(path) as idx:
+            assert idx.index([photos], workers=0).warnings == []
+    assert len(calls) == 1  # tried once for this model and version, silently
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(TEXT_ENCODER_NAME)) == before
+    with clipsearch.open(path, create=False) as idx:
+        assert idx.query_encoder == "onnx" and [h.id for h in idx.search("a dog", k=4)] == expected
 
 
 def test_an_export_failure_is_a_warning_and_not_retried_for_the_same_model(index_copy, monkeypatch):
