@@ -620,6 +620,7 @@ class Index:
         counts = self.store.counts()
         size = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
         last = self.store.last_run()
+        encoder = self.text_encoder()
         return {
             "index": str(self.path),
             **counts,
@@ -629,7 +630,7 @@ class Index:
             "precision": meta.get("precision"),
             "query_encoder": self.query_encoder if meta.get("identity") else None,
             "query_encoder_note": meta.get("text_encoder_note") or None,
-            "query_weights": encoder.weights if (encoder := self.text_encoder()) is not None else None,
+            "query_weights": encoder.weights if encoder is not None else None,
             "query_weights_note": (encoder.int8_note or None) if encoder is not None else None,
             "vector_index": _vector_index(self.faiss_path),
             "generation": int(meta.get("generation", 0)),

@@ -17,6 +17,7 @@ tensor). Per-column weight scales measured worse with this op (0.996).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,9 @@ def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, s
     weights = {t.name: t for t in proto.graph.initializer}
     nodes = [n for n in proto.graph.node if _quantizable(n, weights)]
     # a weight is replaced only when every node reading it is quantized (a shared one would lose its float reader)
-    readers: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in set(node.input):
-            readers[name] = readers.get(name, 0) + 1
-    nodes = [n for n in nodes if readers[n.input[1]] == sum(m.input[1] == n.input[1] for m in nodes)]
+    readers = Counter(name for node in proto.graph.node for name in set(node.input))
+    candidates = Counter(n.input[1] for n in nodes)
+    nodes = [n for n in nodes if readers[n.input[1]] == candidates[n.input[1]]]
     if not nodes:
         return 0
     quantized = {n.input[1] for n in nodes}
@@ -88,11 +87,9 @@ def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, s
             stored += [out.put(f"{tensor.name}.int8", np.clip(np.rint(array / scale), -127, 127).astype(np.int8)),
                        out.put(f"{tensor.name}.scale", np.array(scale, np.float32)),
                        out.put(f"{tensor.name}.zero", np.array(0, np.int8))]
-    for node in nodes:
+    for node in nodes:  # replaced in place: the graph keeps its order
         weight = node.input[1]
-        position = list(proto.graph.node).index(node)
-        proto.graph.node.remove(node)
-        proto.graph.node.insert(position, make_node(
+        node.CopyFrom(make_node(
             "DynamicQuantizeMatMul", [node.input[0], f"{weight}.int8", f"{weight}.scale", f"{weight}.zero"],
             list(node.output), name=node.name, domain="com.microsoft"))
     del proto.graph.initializer[:]
