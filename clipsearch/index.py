@@ -28,13 +28,13 @@ from .home import resolve_index
 from .query import Filters, Hit, check_k, check_threshold, query_vector, search_captions, search_images
 from .query_syntax import Query
 from .store import Store
+from .vectors import VectorFileError, VectorIndex, read_header
 
 if TYPE_CHECKING:  # pragma: no cover - the search path imports none of these
     from .captions import CaptionHit, CaptionReport
     from .indexer import DeferredModel, IndexReport, ProgressCallback
     from .model import ClipModel, ModelSpec
     from .text_onnx import OnnxTextEncoder
-    from .vectors import VectorIndex
 
 FAISS_NAME = "images.faiss"
 CAPTIONS_FAISS_NAME = "captions.faiss"
@@ -333,10 +333,6 @@ class Index:
         """`held` if current, else the saved file if current, else a rebuild from one SQLite snapshot. Current means
         the store's generation and a plan that still suits the number of vectors (`VectorIndex.needs_rebuild`): an
         index whose collection crossed a threshold is rebuilt with the plan chosen for its new size."""
-        # Imported here, not at the top: a cold query then imports FAISS in the thread that loads the index, beside
-        # the text encoder (see _vector_and_index).
-        from .vectors import VectorFileError, VectorIndex
-
         generation = int(self.store.get_meta(generation_key, "0"))
         if held is not None and held.generation == generation and not held.needs_rebuild():
             return held
@@ -361,8 +357,6 @@ class Index:
 
     def _built_from_store(self, snapshot: Callable[[], tuple[int, np.ndarray, np.ndarray]]) -> VectorIndex:
         """A FAISS index built from one SQLite snapshot, planned for its size."""
-        from .vectors import VectorIndex
-
         return VectorIndex.from_source(self.store.dim, SimpleNamespace(vectors_snapshot=snapshot))
 
     def _save_if_idle(self, vectors: VectorIndex, path: Path, generation_key: str) -> None:
@@ -567,10 +561,10 @@ class Index:
                           load: Callable[[], VectorIndex]) -> tuple[np.ndarray, set[int], VectorIndex]:
         """The query vector, the ids of indexed images in the query, and the FAISS index to search (from `load`).
 
-        A text-only query on the ONNX path, with FAISS not loaded yet (a new process), loads FAISS in a thread
-        while onnxruntime loads and runs: both work without the GIL, so the query pays for the slower of the two
-        rather than their sum. The encoder touches no SQLite meanwhile; if it cannot be used, the thread is waited
-        for before the torch path starts reading the store."""
+        A text-only query on the ONNX path, with the index not loaded yet (a new process), loads it in a thread
+        while onnxruntime loads and runs. A flat index is mapped in a few ms and needs no FAISS; a compressed one
+        imports and reads FAISS there, beside the encoder, rather than before it. The encoder touches no SQLite
+        meanwhile; if it cannot be used, the thread is waited for before the torch path starts reading the store."""
         identity = None
         if held is None and parsed.parts and all(part.kind == "text" for part in parsed.parts) and \
                 self._text_encoder is None:
@@ -734,8 +728,6 @@ def _listed(value) -> list:
 
 def _vector_index(path: Path) -> dict | None:
     """The saved image FAISS file's type and size, from its header alone (None before the first save)."""
-    from .vectors import read_header
-
     header = read_header(path)
     return None if header is None else {"kind": header.get("kind"), "vectors": header.get("ntotal"),
                                         "generation": header.get("generation")}

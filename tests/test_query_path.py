@@ -44,12 +44,8 @@ def run_cli_in_fresh_python(commands: list[list[str]], env: dict[str, str] | Non
     """Run CLI commands in one new interpreter; return their outputs and exit codes and which heavy modules got
     imported, read from sys.modules inside that process after the commands ran."""
     code = (
-        "import io, json, sys, contextlib, threading\n"
-        "faiss_thread = []  # the thread that imported FAISS\n"
-        "sys.addaudithook(lambda event, args: faiss_thread.append(threading.current_thread().name)"
-        " if event == 'import' and args[0] == 'faiss' and not faiss_thread else None)\n"
+        "import io, json, sys, contextlib\n"
         "from clipsearch.cli import cli\n"
-        "after_import = 'faiss' in sys.modules\n"
         "outputs = []\n"
         "for args in json.loads(sys.argv[1]):\n"
         "    out = io.StringIO()\n"
@@ -59,10 +55,9 @@ def run_cli_in_fresh_python(commands: list[list[str]], env: dict[str, str] | Non
         "        except SystemExit as exc:\n"
         "            outputs.append([exc.code or 0, out.getvalue()])\n"
         "heavy = [m for m in ('torch', 'open_clip', 'PIL.JpegImagePlugin', 'onnxruntime', 'tqdm', 'clipsearch.indexer',"
-        " 'sqlite_utils')"
+        " 'sqlite_utils', 'faiss')"
         " if m in sys.modules]\n"
-        "print(json.dumps({'outputs': outputs, 'imported': heavy, 'faiss_after_import': after_import,"
-        " 'faiss_thread': faiss_thread}))\n"
+        "print(json.dumps({'outputs': outputs, 'imported': heavy}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env={**os.environ, **(env or {})})
@@ -147,9 +142,8 @@ def test_cli_text_search_imports_neither_torch_nor_open_clip(built, monkeypatch)
     assert "tqdm" not in run["imported"] and "clipsearch.indexer" not in run["imported"]
     assert "sqlite_utils" not in run["imported"]  # reads are plain sqlite3; sqlite-utils is for writes
     assert "onnxruntime" in run["imported"]
-    # FAISS is imported by the thread that loads the index while the main thread opens the text encoder, not by
-    # `import clipsearch.cli` (90-150 ms of a cold query, overlapped instead of paid first)
-    assert not run["faiss_after_import"] and run["faiss_thread"][0].startswith("clipsearch-faiss-load")
+    # a flat index is read with numpy from the mapped file: FAISS (70-200 ms to import) is never imported
+    assert "faiss" not in run["imported"]
     fast = json.loads(run["outputs"][0][1])
     monkeypatch.setenv(TEXT_ENCODER_ENV, "torch")  # the torch path, here (this process has torch loaded already)
     with clipsearch.open(path, create=False) as idx:
@@ -161,7 +155,7 @@ def test_cli_text_search_imports_neither_torch_nor_open_clip(built, monkeypatch)
 
 def test_queries_of_indexed_images_load_no_model(built, tmp_path):
     """`similar` of an indexed file, '#id' parts and a copy of an indexed file (same content, another path) take the
-    stored vectors: no torch, no onnxruntime, no image decoder."""
+    stored vectors: no torch, no onnxruntime, no image decoder, and (a flat index) no FAISS."""
     path, photos, _ = built
     photo = sorted(photos.glob("*.jpg"))[0]
     copy = Path(shutil.copy(photo, tmp_path / "elsewhere.jpg"))  # new path and mtime, same bytes
@@ -177,7 +171,8 @@ def test_queries_of_indexed_images_load_no_model(built, tmp_path):
     for _, out in run["outputs"]:
         ids = [h["id"] for h in json.loads(out)]
         assert ids == expected and own_id not in ids
-    assert not {"torch", "open_clip", "onnxruntime", "PIL.JpegImagePlugin"} & set(run["imported"]), run["imported"]
+    assert not {"torch", "open_clip", "onnxruntime", "PIL.JpegImagePlugin", "faiss"} & set(run["imported"]), \
+        run["imported"]
 
 
 def test_a_new_image_file_still_works_through_the_image_model(built, tmp_path):

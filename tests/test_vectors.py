@@ -89,23 +89,111 @@ def test_loaded_flat_index_reads_the_file_in_place_and_copies_before_a_change(tm
     VectorIndex.build(16, np.arange(1, 41), vecs, generation=3).save(tmp_path / "images.faiss")
     before = (tmp_path / "images.faiss").read_bytes()
     loaded = VectorIndex.load(tmp_path / "images.faiss")
-    assert loaded.engine._mapping is not None
+    assert loaded.engine._mapped is not None
     query = unit(1, seed=5)[0]
     assert loaded.search(query, 5).ids.tolist() == (np.argsort(-(vecs @ query))[:5] + 1).tolist()
     loaded.remove(np.array([1, 2]))
     loaded.add(np.array([100]), query[None])
-    assert loaded.engine._mapping is None
+    assert loaded.engine._mapped is None
     assert loaded.search(query, 1).ids.tolist() == [100] and loaded.ntotal == 39
     assert (tmp_path / "images.faiss").read_bytes() == before
 
 
-@pytest.mark.parametrize("mapped", [False, True])
-def test_split_exact_scan_equals_one_scan(tmp_path, monkeypatch, mapped):
-    """Large flat indexes split the scan between threads; the merged top k must be exactly the whole scan's."""
-    import clipsearch.vectors as vectors
+@pytest.mark.parametrize("rows, dim", [(0, 16), (1, 16), (37, 16), (37, 15)])
+def test_saved_flat_rows_are_aligned_and_read_as_faiss_reads_them(tmp_path, rows, dim):
+    """The rows of a saved flat index start on a 64-byte boundary (numpy's BLAS scans unaligned floats 4-5x slower),
+    and the in-place reader sees exactly the rows and ids FAISS's own reader does (odd widths put the ids off their
+    8-byte alignment)."""
+    import faiss
 
-    monkeypatch.setattr(vectors, "_SPLIT_MIN", 500)
-    monkeypatch.setattr(vectors, "usable_cores", lambda: 3)
+    path = tmp_path / "images.faiss"
+    ids = np.arange(100, 100 + rows) * 7
+    VectorIndex.build(dim, ids, unit(rows, dim=dim), generation=1).save(path)
+    loaded = VectorIndex.load(path)
+    mapped = loaded.engine._mapped
+    assert mapped is not None and mapped.rows.ctypes.data % 64 == 0
+    body = path.read_bytes()[mapped.start:mapped.end]
+    assert mapped.end == path.stat().st_size
+    theirs = faiss.deserialize_index(np.frombuffer(body, np.uint8))
+    assert np.array_equal(faiss.vector_to_array(theirs.id_map), mapped.ids) and np.array_equal(mapped.ids, ids)
+    assert np.array_equal(theirs.index.reconstruct_n(0, rows).reshape(rows, dim), mapped.rows)
+    assert read_header(path)["ntotal"] == rows
+
+
+def test_a_flat_index_loads_searches_and_reconstructs_without_faiss(tmp_path):
+    """What a new process's query does with a flat index (search, a filter, an indexed image's vector) imports no
+    FAISS, which costs 70-200 ms on this machine."""
+    import subprocess
+    import sys
+
+    vecs = unit(500, dim=16, seed=41)
+    VectorIndex.build(16, np.arange(1, 501), vecs, generation=1).save(tmp_path / "images.faiss")
+    code = ("import sys, numpy as np\n"
+            "from clipsearch.vectors import VectorIndex\n"
+            f"index = VectorIndex.load({str(tmp_path / 'images.faiss')!r})\n"
+            "query = index.reconstruct(7)\n"
+            "print(index.search(query, 3).ids.tolist(), index.search(query, 2, allowed=np.arange(100, 200)).ids.tolist(),"
+            " 'faiss' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    expected = np.argsort(-(vecs @ vecs[6]), kind="stable")
+    assert out[-1] == "False"
+    assert " ".join(out[:-1]) == f"{(expected[:3] + 1).tolist()} {(expected[(expected >= 99) & (expected < 199)][:2] + 1).tolist()}"
+
+
+def test_flat_file_in_a_layout_the_reader_does_not_know_is_read_by_faiss(tmp_path, monkeypatch):
+    vecs = unit(300, seed=42)
+    VectorIndex.build(16, np.arange(1, 301), vecs, generation=1).save(tmp_path / "images.faiss")
+    monkeypatch.setattr(vector_room._MappedRows, "parse", classmethod(lambda cls, *args: None))
+    loaded = VectorIndex.load(tmp_path / "images.faiss")
+    assert loaded.engine._mapped is None and loaded.engine._index is not None
+    query = unit(1, seed=43)[0]
+    assert loaded.search(query, 4).ids.tolist() == (np.argsort(-(vecs @ query), kind="stable")[:4] + 1).tolist()
+    assert np.array_equal(loaded.reconstruct(9), vecs[8])
+
+
+def test_unaligned_flat_file_of_an_older_version_reads_in_place_and_saves_aligned(tmp_path):
+    """Files written before the rows were aligned still load in place and answer exactly; written again unchanged,
+    the FAISS bytes are the same, now on an aligned offset."""
+    old, new = tmp_path / "old.faiss", tmp_path / "new.faiss"
+    vecs = unit(300, seed=44)
+    VectorIndex.build(16, np.arange(1, 301), vecs, generation=1).save(old)
+    data = old.read_bytes()
+    length = int.from_bytes(data[16:20], "little")
+    old.write_bytes(data[:16] + (length + 1).to_bytes(4, "little") + data[20:20 + length] + b" " + data[20 + length:])
+    loaded = VectorIndex.load(old)
+    assert loaded.engine._mapped is not None and loaded.engine._mapped.rows.ctypes.data % 4 != 0
+    query = unit(1, seed=45)[0]
+    assert loaded.search(query, 5).ids.tolist() == (np.argsort(-(vecs @ query), kind="stable")[:5] + 1).tolist()
+    loaded.save(new)
+    again = VectorIndex.load(new)
+    assert again.engine._mapped.rows.ctypes.data % 64 == 0
+    body = slice(loaded.engine._mapped.start, loaded.engine._mapped.end)
+    assert old.read_bytes()[body] == new.read_bytes()[again.engine._mapped.start:again.engine._mapped.end]
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("allowed_count", [0, 10, 240, 1500])
+def test_flat_filters_are_exact_whether_rows_are_gathered_or_all_scored(tmp_path, mapped, allowed_count):
+    """Below the 8-bit copy's size a filter is answered from the float32 rows: up to N/8 allowed rows are gathered,
+    more are all scored and then picked; either way only allowed ids come back, the float64 best among them, with
+    ids the index lacks ignored. Missing ids in `reconstruct` are a KeyError."""
+    vecs = unit(2000, dim=32, seed=46)
+    ids, index = shuffled_flat(tmp_path, vecs, first_id=1, seed=47, mapped=mapped)
+    rng = np.random.default_rng(48)
+    allowed = np.concatenate([rng.choice(ids, allowed_count, replace=False), [5000, 10**12]])
+    query = unit(1, dim=32, seed=49)[0]
+    scores = np.where(np.isin(ids, allowed), vecs.astype(np.float64) @ query, -np.inf)
+    expected = ids[np.argsort(-scores, kind="stable")[:min(7, allowed_count)]]
+    assert index.search(query, 7, allowed=allowed).ids.tolist() == expected.tolist()
+    assert np.array_equal(index.reconstruct_batch(ids[:3]), vecs[:3])
+    with pytest.raises(KeyError):
+        index.reconstruct(5000)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_exact_scan_equals_brute_force_for_every_k(tmp_path, mapped):
+    """numpy's scan of the rows (FAISS's copy, or the mapped file) and its top-k selection give exactly the brute
+    force's ids and scores, for k from 1 to every row."""
     vecs = unit(2000, dim=32, seed=2)
     ids, index = shuffled_flat(tmp_path, vecs, first_id=5000, seed=3, mapped=mapped)
     for seed in range(5):
@@ -140,6 +228,7 @@ def test_damaged_file_is_detected(tmp_path, damage):
 import shutil  # noqa: E402
 
 import clipsearch  # noqa: E402
+from clipsearch import compressed  # noqa: E402
 from clipsearch import vectors as vector_room  # noqa: E402
 from clipsearch.vectors import FLAT, PQ_REFINE, Plan, choose_plan, read_header  # noqa: E402
 from conftest import TINY_MODEL, shared  # noqa: E402
@@ -358,13 +447,13 @@ def byte_copies(monkeypatch):
     monkeypatch.setattr(vectors, "_SPLIT_MIN", 200)
     monkeypatch.setattr(vectors, "usable_cores", lambda: 2)
     calls = {"above": 0}
-    above = vectors._ByteCopy.above
+    above = compressed.ByteCopy.above
 
     def counted(self, *args):
         calls["above"] += 1
         return above(self, *args)
 
-    monkeypatch.setattr(vectors._ByteCopy, "above", counted)
+    monkeypatch.setattr(compressed.ByteCopy, "above", counted)
     return calls
 
 
@@ -417,7 +506,7 @@ def test_8bit_error_bound_holds_for_every_row(case):
     """The exactness of the 8-bit path rests on one inequality: |S/t - q.x| <= error for every row. Checked against
     float64 on data that stresses each term: per-dimension scales far apart, rows and queries far from unit length,
     and a width (1280) where the code range shrinks to keep integer sums exact."""
-    from clipsearch.vectors import _ByteCopy
+    from clipsearch.compressed import ByteCopy
 
     rng = np.random.default_rng(11)
     dim = 1280 if case == "wide" else 64
@@ -429,7 +518,7 @@ def test_8bit_error_bound_holds_for_every_row(case):
         rows *= rng.uniform(0.01, 50, (len(rows), 1)).astype(np.float32)
     if case != "long-rows":
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    copy = _ByteCopy.of(rows, 2)
+    copy = ByteCopy.of(rows, 2)
     assert copy is not None and copy.limit == (114 if case == "wide" else 127)
     for seed in range(10):
         query = rng.standard_normal((1, dim)).astype(np.float32) * (0.3 + seed)
@@ -448,8 +537,8 @@ def test_8bit_scan_proves_typical_answers_from_its_candidates_alone(monkeypatch)
 
     monkeypatch.setattr(vectors, "_COPY_MIN", 4000)
     calls = []
-    above = vectors._ByteCopy.above
-    monkeypatch.setattr(vectors._ByteCopy, "above", lambda self, *args: calls.append(1) or above(self, *args))
+    above = compressed.ByteCopy.above
+    monkeypatch.setattr(compressed.ByteCopy, "above", lambda self, *args: calls.append(1) or above(self, *args))
     vecs = unit(40_000, dim=512, seed=12)
     index = VectorIndex.build(512, np.arange(1, 40_001), vecs, generation=1)
     queries = unit(20, dim=512, seed=13)
@@ -471,15 +560,15 @@ def test_8bit_path_answers_a_zero_query_and_skips_rows_it_cannot_copy(byte_copie
     vecs[3, 2] = np.inf
     broken = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
     builds = []
-    of = vectors._ByteCopy.of
-    monkeypatch.setattr(vectors._ByteCopy, "of", lambda rows, parts: builds.append(1) or of(rows, parts))
+    of = compressed.ByteCopy.of
+    monkeypatch.setattr(compressed.ByteCopy, "of", lambda rows, parts: builds.append(1) or of(rows, parts))
     for _ in range(4):
         assert broken.search(unit(1, dim=16, seed=15)[0], 3).ids.tolist()
     assert broken.engine._copy is None
     assert builds == [1]  # found impossible once, not tried again on every search
-    monkeypatch.setattr(vectors._ByteCopy, "of", of)
+    monkeypatch.setattr(compressed.ByteCopy, "of", of)
     # a FAISS whose 8-bit kernel did not score integers exactly gets no copy: the float32 scan answers
-    monkeypatch.setattr(vectors, "_scores_integers_exactly", lambda dim, limit: False)
+    monkeypatch.setattr(compressed, "_scores_integers_exactly", lambda dim, limit: False)
     vecs[3, 2] = 0.5
     fine = VectorIndex.build(16, np.arange(1, 1001), vecs, generation=1)
     query = unit(1, dim=16, seed=16)[0]
@@ -498,8 +587,8 @@ def test_filtered_search_goes_through_the_8bit_copy_and_stays_exact(tmp_path, by
     vecs = unit(4000, dim=32, seed=21)
     ids, index = shuffled_flat(tmp_path, vecs, first_id=1, seed=22, mapped=mapped)
     filtered = []
-    search = vectors._ByteCopy.search
-    monkeypatch.setattr(vectors._ByteCopy, "search",
+    search = compressed.ByteCopy.search
+    monkeypatch.setattr(compressed.ByteCopy, "search",
                         lambda self, *a: filtered.append(a[3] is not None) or search(self, *a))
     rng = np.random.default_rng(23)
     query = unit(1, dim=32, seed=24)[0]
@@ -523,8 +612,8 @@ def test_warm_builds_the_8bit_copy_that_the_first_search_then_uses(byte_copies, 
     index.warm()
     assert index.engine._copy is not None
     used = []
-    search = vectors._ByteCopy.search
-    monkeypatch.setattr(vectors._ByteCopy, "search", lambda self, *a: used.append(1) or search(self, *a))
+    search = compressed.ByteCopy.search
+    monkeypatch.setattr(compressed.ByteCopy, "search", lambda self, *a: used.append(1) or search(self, *a))
     query = unit(1, dim=16, seed=32)[0]
     assert index.search(query, 3).ids.tolist() == (np.argsort(-(vecs @ query), kind="stable")[:3] + 1).tolist()
     assert used == [1]
