@@ -12,10 +12,12 @@ text. The tests check both paths against open_clip on real captions and generate
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import re
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "count_tokens",
     "for_model",
     "from_open_clip",
+    "read_vocabulary_in_background",
 ]
 
 DEFAULT_CONTEXT_LENGTH = 77
@@ -97,6 +100,19 @@ def _merge_ranks(path: str) -> dict[str, int]:
     if len(lines) != _N_MERGES:
         raise ModelError(f"{path} holds {len(lines)} BPE merges, expected {_N_MERGES}")
     return dict(zip(lines, range(_N_MERGES)))
+
+
+def read_vocabulary_in_background() -> threading.Thread:
+    """Start reading the standard BPE merges in a daemon thread (join it before building a tokenizer, or the two
+    would both read them). onnxruntime releases the GIL while it loads a session, so a cold query reads the merges
+    (30-50 ms) in that time instead of after it. A failure is left to the tokenizer's own read to report."""
+    def read() -> None:
+        with contextlib.suppress(Exception):
+            _merge_ranks(str(bpe_vocab_path()))
+
+    thread = threading.Thread(target=read, name="clipsearch-vocabulary", daemon=True)
+    thread.start()
+    return thread
 
 
 def _clean_ascii(text: str) -> str:

@@ -122,6 +122,33 @@ def test_missing_damaged_or_foreign_files_are_model_errors(tiny_onnx, tmp_path):
         OnnxTextEncoder(foreign)
 
 
+def test_vocabulary_is_read_beside_the_session_load(tiny_onnx, monkeypatch):
+    """The BPE merges are read in a thread while onnxruntime loads the session; the encoder waits for it (no second
+    read, no thread left running), and a vocabulary that cannot be read is the tokenizer's ModelError, raised in the
+    caller's thread."""
+    import threading
+
+    from clipsearch import tokenizer
+
+    path = tokenizer.bpe_vocab_path()
+    tokenizer._merge_ranks.cache_clear()
+    reads = []
+    monkeypatch.setattr(tokenizer, "bpe_vocab_path", lambda: reads.append(threading.current_thread().name) or path)
+    encoder = OnnxTextEncoder(tiny_onnx)
+    assert reads[0] == "clipsearch-vocabulary" and tokenizer._merge_ranks.cache_info().misses == 1
+    assert not any(t.name == "clipsearch-vocabulary" for t in threading.enumerate())
+    assert encoder.encode_texts(["a dog"]).shape == (1, encoder.dim)
+
+    def unreadable():
+        raise ModelError("open_clip's bpe_simple_vocab_16e6.txt.gz not found")
+
+    tokenizer._merge_ranks.cache_clear()
+    monkeypatch.setattr(tokenizer, "bpe_vocab_path", unreadable)
+    with pytest.raises(ModelError, match="not found"):
+        OnnxTextEncoder(tiny_onnx)
+    tokenizer._merge_ranks.cache_clear()
+
+
 def test_export_again_replaces_the_weights_file_atomically(tiny_model, tmp_path):
     path = tmp_path / "text.onnx"
     export_text_tower(tiny_model, path)
