@@ -1,4 +1,5 @@
-"""FAISS at a million images: build time, batch-1 latency, recall@10 against exact search, and resident memory.
+"""FAISS at a million images: build time, batch-1 latency, recall@10 against exact search, resident memory, and what
+a new process pays to load the saved index and search once.
 
 The collection is N seeded random unit vectors (512-d by default), the worst case for approximate search: no cluster
 structure for a graph or a partition to exploit. Two kinds of query are timed: a random unit vector, and a stored vector
@@ -14,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import multiprocessing
 import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -142,6 +148,32 @@ def time_queries(index: VectorIndex, qs: np.ndarray, repeats: int, allowed: np.n
     return np.array(wall) * 1e3, np.array(cpu) * 1e3, found
 
 
+_COLD = """
+import json, sys, time
+import numpy as np
+from clipsearch.vectors import VectorIndex
+start = time.perf_counter()
+index = VectorIndex.load(sys.argv[1])
+loaded = time.perf_counter()
+index.search(np.array(json.loads(sys.argv[2]), np.float32), 10)
+searched = time.perf_counter()
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps([(loaded - start) * 1e3, (searched - loaded) * 1e3, peak / 1024]))
+"""
+
+
+def cold_loads(index: VectorIndex, query: np.ndarray, runs: int) -> np.ndarray:
+    """Save the index, then load it and search once in `runs` new processes (what a cold query does with it):
+    rows of (load ms, FAISS import included; first search ms; the process's peak RSS MB)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "images.faiss"
+        index.save(path)
+        out = [json.loads(subprocess.run([sys.executable, "-c", _COLD, str(path), json.dumps(query.tolist())],
+                                         check=True, capture_output=True, text=True).stdout)
+               for _ in range(runs)]
+    return np.array(out)
+
+
 def line(name: str, wall: np.ndarray, cpu: np.ndarray | None = None, extra: str = "") -> None:
     text = f"  {name:<34} p50 {np.median(wall):7.2f} ms   p95 {np.percentile(wall, 95):7.2f} ms"
     if cpu is not None:
@@ -163,6 +195,8 @@ def main() -> None:
     parser.add_argument("--filtered", action="store_true", help="also time filtered searches (exact vs scan path)")
     parser.add_argument("--pq-m", type=int, help="override the plan's PQ sub-quantizers (e.g. 128 = 64-byte codes)")
     parser.add_argument("--candidates", type=float, help="override the plan's candidates per sqrt(N)")
+    parser.add_argument("--cold-runs", type=int, default=3, help="new processes that load the saved index and "
+                        "search once (0: skip)")
     parser.add_argument("--sweep", default="", help="also time these candidates-per-sqrt(N) factors on the same "
                         "index, comma-separated (e.g. 0.25,0.5)")
     args = parser.parse_args()
@@ -214,6 +248,12 @@ def main() -> None:
         line(f"candidates {factor:g} x sqrt(N) = {index.engine.candidates(10, index.ntotal)} (random q)", wall, cpu,
              f"recall@10 {recall(found, truth[: len(random_qs)]):.3f}")
         index.engine.plan = plan
+
+    if args.cold_runs:
+        cold = cold_loads(index, random_qs[0], args.cold_runs)
+        print(f"saved, then loaded and searched once in {args.cold_runs} new processes (medians): load "
+              f"{np.median(cold[:, 0]):.0f} ms (FAISS import included), first search {np.median(cold[:, 1]):.1f} ms, "
+              f"peak RSS {np.median(cold[:, 2]):.0f} MB", flush=True)
 
     if args.filtered:
         print("filtered search (ids % stride == 0), random queries:", flush=True)

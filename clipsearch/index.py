@@ -340,7 +340,7 @@ class Index:
         current = held if held is not None and held.generation == generation else None
         if current is None:
             try:
-                current = VectorIndex.load(path)
+                current = VectorIndex.load(path, mapped=not self._writing)
                 if current.generation != generation or current.dim != dim:
                     current, reason = None, "out of date"
                 elif not current.needs_rebuild():

@@ -299,7 +299,10 @@ class VectorIndex:
         self._file = (path, self.generation)
 
     @classmethod
-    def load(cls, path: Path) -> "VectorIndex":
+    def load(cls, path: Path, *, mapped: bool = True) -> "VectorIndex":
+        """The saved index. Its bulk stays in the mapped file (a flat index's rows; a compressed one's re-ranking
+        copies), read as searches need it; `mapped=False` reads a compressed index's copies into memory, as a writer
+        that will change them wants (taking them from a mapping later would hold both at once)."""
         try:
             handle = Path(path).open("rb")
         except FileNotFoundError as exc:
@@ -319,7 +322,7 @@ class VectorIndex:
                 else:
                     from .compressed import PQRefine
 
-                    engine = PQRefine.read(handle, dim, plan, ntotal)
+                    engine = PQRefine.read(handle, dim, plan, ntotal, mapped)
                     trailing = handle.read(1)
             except (struct.error, ValueError, TypeError, KeyError, AttributeError, RuntimeError, MemoryError) as exc:
                 reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
