@@ -426,7 +426,7 @@ def _leave_fast(*left: object) -> None:
     """Called by read-only query commands once their index is closed, and on an interrupt: `main` then ends the process
     without tearing down FAISS, onnxruntime or torch (about a tenth of a cold query's time at 100,000 images), as
     nothing is left to save. `left` (the closed index) is kept referenced until then: freed when the command returns,
-    it would unmap its vectors and tear down its onnxruntime session first (15-20 ms at 100,000 images)."""
+    it would unmap its vectors and tear down its onnxruntime session first (20-36 ms at 100,000 images)."""
     global _fast_exit
     _fast_exit = True
     _left_for_the_os.extend(left)

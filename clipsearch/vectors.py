@@ -8,15 +8,15 @@ Two kinds of index, chosen from N, the dimension and a memory budget by `choose_
 
 - `flat-ip` (small collections): exact inner product over float32 copies, scored with numpy. On disk they are FAISS's
   IndexIDMap2(IndexFlatIP), rows aligned; a loaded index reads them in place and imports no FAISS until it changes.
-- `pq-refine` (large ones, built by `compressed`): every vector is scanned as a 4-bit product-quantised code with FAISS fast-scan (SIMD
-  lookups, one bit per dimension), the scan split into shards searched in parallel; the best candidates are then
-  re-scored from a near-exact copy (fp16, or SQ8 when fp16 does not fit the budget). Graph (HNSW) and partition (IVF)
-  indexes were measured and rejected: on unstructured 512-d data HNSW had to visit 82% of 100k vectors for 0.96
+- `pq-refine` (large ones, built by `compressed`): every vector is scanned as a 4-bit product-quantised code with FAISS
+  fast-scan (SIMD lookups, two bits per dimension), the scan split into shards searched in parallel; the best candidates
+  are then re-scored from a near-exact copy (fp16, or SQ8 when fp16 does not fit the budget). Graph (HNSW) and partition
+  (IVF) indexes were measured and rejected: on unstructured 512-d data HNSW had to visit 82% of 100k vectors for 0.96
   recall@10 and IVF cannot prune (a neighbour's cell is nearly unrelated to the query's), and CLIP text queries sit
-  apart from the image vectors they are compared with, where pruning indexes lose recall. An exhaustive compressed
-  scan has no such cliff; see bench/million.py for what it costs at 1,000,000 vectors. RaBitQ (faiss 1.15
-  IndexRaBitQFastScan) was measured as well: its 1-bit scan of 200k random 512-d vectors took more CPU than this PQ
-  scan (4.3 vs 3.1 ms) for recall@10 0.87 in its best 1000, and its multi-bit search 25+ ms.
+  apart from the image vectors they are compared with, where pruning indexes lose recall. An exhaustive compressed scan
+  has no such cliff; see bench/million.py for what it costs at 1,000,000 vectors. RaBitQ (faiss 1.15
+  IndexRaBitQFastScan) was measured as well: its 1-bit scan of 200k random 512-d vectors took more CPU than this PQ scan
+  (4.3 vs 3.1 ms) for recall@10 0.87 in its best 1000, and its multi-bit search 25+ ms.
 """
 from __future__ import annotations
 

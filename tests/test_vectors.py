@@ -132,12 +132,13 @@ def test_a_flat_index_loads_searches_and_reconstructs_without_faiss(tmp_path):
             "from clipsearch.vectors import VectorIndex\n"
             f"index = VectorIndex.load({str(tmp_path / 'images.faiss')!r})\n"
             "query = index.reconstruct(7)\n"
-            "print(index.search(query, 3).ids.tolist(), index.search(query, 2, allowed=np.arange(100, 200)).ids.tolist(),"
-            " 'faiss' in sys.modules)")
+            "print(index.search(query, 3).ids.tolist(),"
+            " index.search(query, 2, allowed=np.arange(100, 200)).ids.tolist(), 'faiss' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     expected = np.argsort(-(vecs @ vecs[6]), kind="stable")
     assert out[-1] == "False"
-    assert " ".join(out[:-1]) == f"{(expected[:3] + 1).tolist()} {(expected[(expected >= 99) & (expected < 199)][:2] + 1).tolist()}"
+    filtered = expected[(expected >= 99) & (expected < 199)][:2]  # rows of ids 100..199
+    assert " ".join(out[:-1]) == f"{(expected[:3] + 1).tolist()} {(filtered + 1).tolist()}"
 
 
 def test_flat_file_in_a_layout_the_reader_does_not_know_is_read_by_faiss(tmp_path, monkeypatch):
