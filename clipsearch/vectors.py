@@ -330,7 +330,8 @@ class VectorIndex:
         if trailing or engine.ntotal != ntotal or engine.dim != dim:
             raise VectorFileError(f"{path} is damaged (header and body disagree)")
         loaded = cls(dim, generation, engine, trained_n)
-        loaded._file = (Path(path), generation)
+        if not (isinstance(engine, _Flat) and engine.unaligned):  # else the next writer's save puts the rows in line
+            loaded._file = (Path(path), generation)
         return loaded
 
 
@@ -414,6 +415,11 @@ class _Flat:
     @property
     def ntotal(self) -> int:
         return len(self._row_ids())
+
+    @property
+    def unaligned(self) -> bool:
+        """Whether the rows are read in place from a file written before they were aligned (slower to scan)."""
+        return self._mapped is not None and self._mapped.rows.ctypes.data % _ROWS_ALIGN != 0
 
     def ids(self) -> np.ndarray:
         return self._row_ids().copy()

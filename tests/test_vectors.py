@@ -153,8 +153,9 @@ def test_flat_file_in_a_layout_the_reader_does_not_know_is_read_by_faiss(tmp_pat
 
 
 def test_unaligned_flat_file_of_an_older_version_reads_in_place_and_saves_aligned(tmp_path):
-    """Files written before the rows were aligned still load in place and answer exactly; written again unchanged,
-    the FAISS bytes are the same, now on an aligned offset."""
+    """Files written before the rows were aligned still load in place and answer exactly, and do not count as saved,
+    so the next writer's run rewrites them even when nothing changed; written again, the FAISS bytes are the same,
+    now on an aligned offset."""
     old, new = tmp_path / "old.faiss", tmp_path / "new.faiss"
     vecs = unit(300, seed=44)
     VectorIndex.build(16, np.arange(1, 301), vecs, generation=1).save(old)
@@ -163,11 +164,12 @@ def test_unaligned_flat_file_of_an_older_version_reads_in_place_and_saves_aligne
     old.write_bytes(data[:16] + (length + 1).to_bytes(4, "little") + data[20:20 + length] + b" " + data[20 + length:])
     loaded = VectorIndex.load(old)
     assert loaded.engine._mapped is not None and loaded.engine._mapped.rows.ctypes.data % 4 != 0
+    assert loaded.engine.unaligned and not loaded.saved_at(old)
     query = unit(1, seed=45)[0]
     assert loaded.search(query, 5).ids.tolist() == (np.argsort(-(vecs @ query), kind="stable")[:5] + 1).tolist()
     loaded.save(new)
     again = VectorIndex.load(new)
-    assert again.engine._mapped.rows.ctypes.data % 64 == 0
+    assert again.engine._mapped.rows.ctypes.data % 64 == 0 and again.saved_at(new) and not again.engine.unaligned
     body = slice(loaded.engine._mapped.start, loaded.engine._mapped.end)
     assert old.read_bytes()[body] == new.read_bytes()[again.engine._mapped.start:again.engine._mapped.end]
 
