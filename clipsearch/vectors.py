@@ -414,7 +414,7 @@ class _Flat:
 
     @property
     def ntotal(self) -> int:
-        return len(self._row_ids())
+        return int(self._index.ntotal) if self._index is not None else len(self._row_ids())
 
     @property
     def unaligned(self) -> bool:
