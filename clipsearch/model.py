@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -167,9 +168,69 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
                    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
 
 
+class _Load:
+    """What one thread's checkpoint load needs its hooks to know."""
+
+    def __init__(self, in_place: bool) -> None:
+        self.in_place = in_place
+        self.loaded = False
+
+
+_loads = threading.local()  # `.load`: the _Load of the checkpoint this thread is loading, if any
+_hooks_lock = threading.Lock()
+_hooks_users = 0  # loads in progress, in any thread: the hooks are installed while there is one
+_hooks_originals: dict[tuple[Any, str], Any] = {}
+
+
+def _this_threads_load() -> _Load | None:
+    return getattr(_loads, "load", None)
+
+
+def _install_hooks(torch: Any) -> None:
+    """Put hooks on torch.nn.init, Module.load_state_dict and torch.load that act only in a thread loading a
+    checkpoint (`_loads.load` set) and are the originals everywhere else (called with `_hooks_lock` held)."""
+    init, module = torch.nn.init, torch.nn.Module
+
+    def skipped_in_loads(original: Any) -> Any:
+        def initialise(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            return tensor if _this_threads_load() else original(tensor, *args, **kwargs)
+        return initialise
+
+    load_state_dict, load = module.load_state_dict, torch.load
+
+    def checked_load_state_dict(self: Any, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        current = _this_threads_load()
+        if current is None:
+            return load_state_dict(self, state_dict, strict=strict, assign=assign)
+        own = self.state_dict(keep_vars=True)
+        missing = sorted(set(own) - set(state_dict))
+        if missing:
+            raise RuntimeError(f"the checkpoint has no weights for {', '.join(missing[:5])}"
+                               f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+        current.loaded = True
+        if current.in_place:
+            state_dict = {key: value.to(own[key].dtype) if key in own and torch.is_tensor(value)
+                          and value.dtype != own[key].dtype else value for key, value in state_dict.items()}
+        return load_state_dict(self, state_dict, strict=strict, assign=assign or current.in_place)
+
+    def mapped_load(*args: Any, **kwargs: Any) -> Any:
+        current = _this_threads_load()
+        if current is not None and current.in_place:
+            kwargs.setdefault("mmap", True)
+        return load(*args, **kwargs)
+
+    hooks = {(init, name): skipped_in_loads(getattr(init, name)) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    hooks[(module, "load_state_dict")] = checked_load_state_dict
+    hooks[(torch, "load")] = mapped_load
+    for (owner, name), hook in hooks.items():
+        _hooks_originals[(owner, name)] = getattr(owner, name)
+        setattr(owner, name, hook)
+
+
 @contextmanager
 def _checkpoint_loading(torch: "Any", in_place: bool) -> "Iterator[None]":
-    """While open_clip builds a model and loads its checkpoint, keep only one copy of the weights in memory.
+    """While open_clip builds a model and loads its checkpoint in this thread, keep only one copy of the weights in
+    memory.
 
     Left alone, open_clip draws random weights (ViT-B-32: 605 MB), reads the whole checkpoint (another 605 MB), then
     copies one into the other, so indexing peaked near 2 GB. Here the torch.nn.init functions do nothing, so the random
@@ -180,42 +241,30 @@ def _checkpoint_loading(torch: "Any", in_place: bool) -> "Iterator[None]":
 
     With no initialisation, every parameter and persistent buffer must come from the checkpoint: a load that leaves
     one out is refused, and so is a build that loads nothing. Buffers open_clip computes (attention masks) do not use
-    torch.nn.init."""
-    from torch.utils.serialization import config as serialization
+    torch.nn.init.
 
-    init = torch.nn.init
-    initialisers = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
-    module = torch.nn.Module
-    original = module.load_state_dict
-    config = serialization.load
-    mmap_before = config.mmap
-    loaded: list[bool] = []
-
-    def load_state_dict(self: "Any", state_dict: "Any", strict: bool = True, assign: bool = False) -> "Any":
-        own = self.state_dict(keep_vars=True)
-        missing = sorted(set(own) - set(state_dict))
-        if missing:
-            raise RuntimeError(f"the checkpoint has no weights for {', '.join(missing[:5])}"
-                               f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
-        loaded.append(True)
-        if in_place:
-            state_dict = {key: value.to(own[key].dtype) if key in own and torch.is_tensor(value)
-                          and value.dtype != own[key].dtype else value for key, value in state_dict.items()}
-        return original(self, state_dict, strict=strict, assign=assign or in_place)
-
-    for name in initialisers:
-        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
-    module.load_state_dict = load_state_dict
-    config.mmap = in_place or mmap_before
+    The hooks are torch's, so they are process-wide, but they act only in the loading thread: another thread building
+    or loading a model meanwhile gets torch's own behaviour (an indexing run loads its model in a background thread).
+    They are installed by the first load in progress and removed by the last, so two loads at once can neither leave
+    them behind nor take them away from each other."""
+    global _hooks_users
+    with _hooks_lock:
+        if not _hooks_users:
+            _install_hooks(torch)
+        _hooks_users += 1
+    _loads.load = current = _Load(in_place)
     try:
         yield
-        if not loaded:
+        if not current.loaded:
             raise RuntimeError("open_clip built the model but loaded no weights into it")
     finally:
-        for name, function in initialisers.items():
-            setattr(init, name, function)
-        module.load_state_dict = original
-        config.mmap = mmap_before
+        del _loads.load
+        with _hooks_lock:
+            _hooks_users -= 1
+            if not _hooks_users:
+                for (owner, name), original in _hooks_originals.items():
+                    setattr(owner, name, original)
+                _hooks_originals.clear()
 
 
 class ClipModel:

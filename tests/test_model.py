@@ -1,6 +1,7 @@
 """The model room: local checkpoints, the Hugging Face cache layout offline, and clear errors, all without network."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -92,6 +93,45 @@ def test_weights_from_a_checkpoint_are_never_drawn_at_random(tiny_checkpoint, tm
     with pytest.raises(ModelError, match="loaded no weights"):
         ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu")
     assert torch.nn.Module.load_state_dict is before
+
+
+def test_checkpoint_hooks_act_only_in_the_loading_thread_and_leave_nothing_behind():
+    """An indexing run loads its model in a background thread. While it does, another thread building a model must
+    get torch's real initialisation, and two loads that overlap (the first ends before the second) must not leave
+    the skipping hooks installed: that would build every later model from uninitialised memory (NaN vectors)."""
+    import threading
+
+    from clipsearch import model as model_room
+
+    originals = {name: getattr(torch.nn.init, name) for name in model_room._INIT_FUNCTIONS
+                 if hasattr(torch.nn.init, name)}
+    load, load_state_dict = torch.load, torch.nn.Module.load_state_dict
+    skipped: dict[str, bool] = {}
+
+    def loader(name: str, inside: threading.Event, leave: threading.Event) -> None:
+        with contextlib.suppress(RuntimeError):  # "loaded no weights": nothing is loaded here
+            with model_room._checkpoint_loading(torch, in_place=True):
+                tensor = torch.zeros(3)
+                torch.nn.init.ones_(tensor)
+                skipped[name] = not tensor.any()
+                inside.set()
+                leave.wait(10)
+
+    events = {name: (threading.Event(), threading.Event()) for name in ("first", "second")}
+    threads = {name: threading.Thread(target=loader, args=(name, *pair)) for name, pair in events.items()}
+    threads["first"].start()
+    assert events["first"][0].wait(10)
+    threads["second"].start()
+    assert events["second"][0].wait(10)
+    tensor = torch.zeros(3)
+    torch.nn.init.ones_(tensor)  # this thread is not loading: real initialisation
+    assert tensor.tolist() == [1.0, 1.0, 1.0]
+    for name in ("first", "second"):  # the first ends while the second still loads
+        events[name][1].set()
+        threads[name].join(10)
+    assert skipped == {"first": True, "second": True}
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
+    assert torch.load is load and torch.nn.Module.load_state_dict is load_state_dict
 
 
 def test_identity_follows_content_not_location(tiny_checkpoint, tmp_path):
