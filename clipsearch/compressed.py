@@ -8,7 +8,6 @@ its rows with numpy and never pays FAISS's import (70-200 ms on this machine).
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -263,11 +262,10 @@ class PQRefine:
             shard.write(out)
 
     @classmethod
-    def read(cls, handle: BinaryIO, dim: int, plan: Plan, ntotal: int, mapped: bool = True) -> "PQRefine":
-        """The shards at the handle's position. `mapped`: their re-ranking copies stay in the file, mapped (a search
-        reads only its candidates' rows: at 1M x 512 a load reads 136 MB instead of 1.2 GB); a writer, which changes
-        them, reads them into memory at once instead."""
-        mapping = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8) if mapped else None
+    def read(cls, handle: BinaryIO, dim: int, plan: Plan, ntotal: int, mapping: np.ndarray | None) -> "PQRefine":
+        """The shards at the handle's position. With `mapping` (the whole file, mapped) their re-ranking copies stay
+        in it (a search reads only its candidates' rows: at 1M x 512 a load reads 136 MB instead of 1.2 GB); without,
+        as a writer that changes them wants, they are read into memory at once."""
         shards = [_Shard.read(handle, dim, mapping) for _ in range(plan.shards)]
         if sum(shard.ntotal for shard in shards) != ntotal:
             raise ValueError("header and body disagree")

@@ -316,14 +316,16 @@ class VectorIndex:
                 dim, ntotal = int(header["dim"]), int(header["ntotal"])
                 generation, trained_n = int(header["generation"]), int(header.get("trained_n", 0))
                 plan = Plan(**header.get("plan", {"kind": header["kind"]}))
+                # One mapping of the whole file, read in place by the engine (a flat index always maps its rows)
+                mapping = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8) \
+                    if mapped or plan.kind == FLAT else None
                 if plan.kind == FLAT:
-                    engine, end = _Flat.read_mapped(handle, dim)
-                    trailing = b"" if end == os.fstat(handle.fileno()).st_size else b"+"
+                    engine: _Flat | PQRefine = _Flat.read(handle, dim, mapping)
                 else:
                     from .compressed import PQRefine
 
-                    engine = PQRefine.read(handle, dim, plan, ntotal, mapped)
-                    trailing = handle.read(1)
+                    engine = PQRefine.read(handle, dim, plan, ntotal, mapping)
+                trailing = handle.read(1)  # each reader leaves the handle where its part ends
             except (struct.error, ValueError, TypeError, KeyError, AttributeError, RuntimeError, MemoryError) as exc:
                 reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                 raise VectorFileError(f"{path} is damaged ({reason[:200]})") from exc
@@ -474,7 +476,7 @@ class _Flat:
         missing = ~(keys[at] == ids) if len(keys) else np.ones(len(ids), bool)
         if missing.any():
             raise KeyError(f"id {int(ids[missing][0])} is not in the index")
-        return np.array(self._rows()[positions[at]], dtype=np.float32)
+        return self._rows()[positions[at]]  # indexing by an array copies: the rows are the caller's
 
     def warm(self) -> None:
         if self.ntotal >= _COPY_MIN and not self._copy_tried:
@@ -566,15 +568,13 @@ class _Flat:
         write_index(self._owned() if self._index is None else self._index, out)
 
     @classmethod
-    def read_mapped(cls, handle: BinaryIO, dim: int) -> tuple["_Flat", int]:
-        """The index at the handle's position, its rows left in the mapped file; (engine, offset where it ends)."""
-        size = os.fstat(handle.fileno()).st_size
-        if size <= handle.tell():
-            raise ValueError("file ends early")
-        buffer = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
-        mapped = _MappedRows.parse(buffer, handle.tell(), dim)
+    def read(cls, handle: BinaryIO, dim: int, mapping: np.ndarray) -> "_Flat":
+        """The index at the handle's position, its rows left in `mapping` (the whole file, mapped); the handle is left
+        where the index ends."""
+        mapped = _MappedRows.parse(mapping, handle.tell(), dim)
         if mapped is not None:
-            return cls(dim, mapped=mapped), mapped.end
+            handle.seek(mapped.end)
+            return cls(dim, mapped=mapped)
         import faiss  # a layout the parser does not know (another FAISS version's): FAISS reads it into memory
 
         from .compressed import read_index
@@ -582,7 +582,7 @@ class _Flat:
         index = read_index(handle)
         if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
             raise ValueError("header and body disagree")
-        return cls(dim, index), handle.tell()
+        return cls(dim, index)
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
