@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader num_workers of the naive loop")
     args = parser.parse_args()
+    args.folder = args.folder.resolve()  # the refresh run names it resolved: one root, not two
     extra = ["--batch-size", str(args.batch_size), "--precision", args.precision] + \
         (["--workers", str(args.workers)] if args.workers is not None else [])
     print(f"folder {args.folder}, {args.runs} runs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
