@@ -132,6 +132,12 @@ class DeferredModel:
         return deferred
 
     @property
+    def on_cpu(self) -> bool:
+        """Whether the model is loaded and runs on the CPU (False while it loads: decoding then has the cores)."""
+        model = self._model or self._loaded
+        return model is not None and str(model.device).startswith("cpu")
+
+    @property
     def started(self) -> bool:
         return self._model is not None or self._thread is not None
 
@@ -311,7 +317,8 @@ class Indexer:
                 while pending or next_chunk < len(chunks):
                     while next_chunk < len(chunks) and len(pending) < window:
                         chunk = chunks[next_chunk]
-                        pending.append((chunk, pool.submit(media.decode_many, [w.path for w in chunk], spec)))
+                        pending.append((chunk, pool.submit(media.decode_many, [w.path for w in chunk], spec,
+                                                           self.model.on_cpu)))
                         next_chunk += 1
                     chunk, future = pending.popleft()
                     for item, (_path, decoded, error) in zip(chunk, future.result()):
@@ -477,8 +484,9 @@ def _fingerprint_or_empty(path: str) -> str:
 
 
 def default_workers() -> int:
-    """Decode processes: one per core beyond the one the model uses, at least one."""
-    return max(1, min(8, usable_cores() - 1))
+    """Decode processes: one per core. Beside a model on the CPU they run at the lowest priority and so take only the
+    time it leaves idle (media.yield_cpu_to_the_model); beside a GPU model they are what limits the rate."""
+    return max(1, min(8, usable_cores()))
 
 
 def normalise_roots(paths: Iterable[str | os.PathLike]) -> list[str]:

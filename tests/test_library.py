@@ -121,3 +121,30 @@ def test_the_first_batch_is_small_so_the_model_starts_early(tmp_path, tiny_check
         idx.index([photos], workers=0, progress=events.append)
         assert idx.info()["images"] == FIRST_BATCH + 12
     assert [e.done for e in events if e.phase == "embed"] == [0, FIRST_BATCH, FIRST_BATCH + 12]
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
+def test_decode_workers_yield_the_cpu_to_a_model_on_the_cpu(tmp_path, tiny_checkpoint):
+    """Beside a model on the CPU, decode workers run at the lowest priority, so they never take a core from the model's
+    threads while a batch runs (media.yield_cpu_to_the_model); the indexing process itself keeps its priority."""
+    import multiprocessing
+
+    from clipsearch.media import YIELDING_NICENESS
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = sorted(shared("photos", "exif-samples").glob("*.jpg"))[:24]
+    for source in sources:
+        shutil.copy2(source, photos / source.name)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    seen: list[int] = []
+
+    def look(event: clipsearch.Progress) -> None:
+        if event.phase == "embed" and event.done:
+            seen.extend(os.getpriority(os.PRIO_PROCESS, child.pid) for child in multiprocessing.active_children())
+
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        report = idx.index([photos], workers=2, batch_size=4, progress=look)
+    assert report.embedded == len(sources) > 8  # more than one chunk per worker
+    assert seen and max(seen) == YIELDING_NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own
