@@ -268,14 +268,23 @@ def _checkpoint_loading(torch: "Any", in_place: bool) -> "Iterator[None]":
 
 
 def _page_out(tensors: Sequence["torch.Tensor"]) -> int:
-    """Ask Linux to reclaim the whole pages inside these CPU tensors (MADV_PAGEOUT); returns the bytes advised (0
-    elsewhere, or on a kernel before 5.4). Only clean pages go (a file's are read again on the next access; written
-    ones would go to swap or stay), so nothing is ever lost: it is for pages read once and not needed soon."""
+    """Ask Linux to reclaim the pages of these CPU tensors that a file holds (MADV_PAGEOUT), such as a mapped
+    checkpoint's: the file gives them back on the next access, so nothing is lost, and it is for pages read once and
+    not needed soon. Anonymous memory is left alone, since reclaiming it would only write it to swap. Returns the bytes
+    advised (0 elsewhere than Linux, or on a kernel before 5.4)."""
     if not sys.platform.startswith("linux"):
         return 0
+    import bisect
     import ctypes
     import mmap
 
+    spans = []  # (start, end) of this process's file mappings, in address order
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                spans.append(tuple(int(x, 16) for x in fields[0].split("-")))
+    starts = [start for start, _end in spans]
     libc = ctypes.CDLL(None, use_errno=True)
     madvise = libc.madvise
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
@@ -283,7 +292,8 @@ def _page_out(tensors: Sequence["torch.Tensor"]) -> int:
     for tensor in tensors:
         start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
         end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
-        if end > start:
+        at = bisect.bisect_right(starts, start) - 1
+        if end > start and at >= 0 and end <= spans[at][1]:
             if madvise(start, end - start, _MADV_PAGEOUT) != 0:
                 return released  # a kernel before 5.4, or a sandbox without it: keep the pages
             released += end - start
@@ -323,15 +333,14 @@ class ClipModel:
             quiet.setLevel(previous)
         net.eval()
         self._image_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        mapped = [t.detach() for t in (*net.visual.parameters(), *net.visual.buffers())  # the old data: .to() swaps
-                  if t.is_floating_point() and t.dtype != self._image_dtype]                # it out of the parameters
+        replaced = [t.detach() for t in (*net.visual.parameters(), *net.visual.buffers())  # their old data: .to()
+                    if t.is_floating_point() and t.dtype != self._image_dtype]            # swaps it out of them
         net.visual.to(self._image_dtype)  # only the image tower: the text tower stays float32 (see the module doc)
-        if mapped and str(self.device) == "cpu":
-            # The conversion read every float32 page of the image tower, and those pages stay resident in this process
-            # (the mapping lives on for the text tower) though nothing reads them again: ViT-B-32 in bf16, 350 MB.
-            _page_out(mapped)
-        self._image_tower_converted = bool(mapped)  # its weights are then copies, no longer the checkpoint's pages
-        del mapped
+        if replaced and str(self.device).startswith("cpu"):
+            # The conversion read every float32 page of the mapped image tower, and those pages stay resident (the
+            # mapping lives on for the text tower) though nothing reads them again: ViT-B-32 in bf16, 350 MB.
+            _page_out(replaced)
+        del replaced
         self._net = net
         self._torch = torch
         self._tokenizer = open_clip.get_tokenizer(spec.name)
@@ -373,8 +382,8 @@ class ClipModel:
         On CPU the float32 weights are the checkpoint file's mapped pages (see _checkpoint_loading), which the next
         image forward can read again from the file. An indexing run calls this before exporting the text tower, which
         otherwise stacks on top of them: ViT-B-32, 335 MB fewer at the run's peak. A tower converted to bf16 holds
-        copies that exist nowhere else, so it is left alone."""
-        if not str(self.device).startswith("cpu") or self._image_tower_converted:
+        copies that exist nowhere else, so _page_out leaves it alone."""
+        if not str(self.device).startswith("cpu"):
             return 0
         return _page_out([*self._net.visual.parameters(), *self._net.visual.buffers()])
 

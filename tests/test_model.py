@@ -218,3 +218,17 @@ def test_image_weights_handed_back_to_the_os_come_back_unchanged(tiny_checkpoint
     weights = sum(p.numel() * p.element_size() for p in model._net.visual.parameters())
     assert model.release_image_weights() >= weights // 2
     assert np.array_equal(model.encode_images(pixels), before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_only_pages_a_file_holds_are_handed_back(tmp_path):
+    """A mapped checkpoint's pages come back from the file; anonymous memory (a converted copy) would only go to swap,
+    so it is never advised."""
+    from clipsearch.model import _page_out
+
+    anonymous = torch.randn(512, 1024)
+    torch.save({"w": anonymous}, tmp_path / "w.pt")
+    mapped = torch.load(tmp_path / "w.pt", mmap=True)["w"]
+    assert _page_out([anonymous]) == 0
+    assert _page_out([mapped]) >= anonymous.numel() * anonymous.element_size() - 2 * 4096
+    assert torch.equal(mapped, anonymous)  # read again from the file
