@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -171,10 +171,12 @@ class Index:
 
         progress(Progress("model", path=f"{spec.name} / {spec.pretrained}"))
 
-    def _indexing_model(self, progress: ProgressCallback | None) -> DeferredModel:
+    def _indexing_model(self, progress: ProgressCallback | None,
+                        before_loading: Callable[[], None] = lambda: None) -> DeferredModel:
         """The model for an indexing run: loaded now for a new index (its dimension and preprocessing come from it)
-        or to record a checkpoint's new location; otherwise deferred until some file needs pixels, with the
-        preprocessing recorded in the index's model identity."""
+        or to record a checkpoint's new location, `before_loading` called first (the decode workers start meanwhile);
+        otherwise deferred until some file needs pixels, with the preprocessing recorded in the index's model
+        identity."""
         from .indexer import DeferredModel
         from .model import identity_preprocess
 
@@ -182,6 +184,8 @@ class Index:
         relocated = self._requested[1] is not None and \
             self.model_spec.resolved().pretrained != self.store.get_meta("pretrained")
         if self._model is not None or recorded is None or self.store.dim is None or relocated:
+            if self._model is None:
+                before_loading()
             self._prepare_model(progress)
             return DeferredModel.ready(self.model)
 
@@ -408,7 +412,7 @@ class Index:
         """Bring the index up to date with `paths` (folders or files); with none, with every root indexed before.
         The first run with a model also exports its text tower (see the module doc)."""
         from . import captions as caption_room
-        from .indexer import Indexer, normalise_roots
+        from .indexer import DecodeWorkers, Indexer, normalise_roots
 
         known = [row["path"] for row in self.store.roots()]
         roots = normalise_roots(paths) if paths else known
@@ -417,12 +421,12 @@ class Index:
         for root in roots:
             if not os.path.exists(root) and root not in known:
                 raise BadInput(f"path not found: {root}")
-        with self._write_lock():
-            model = self._indexing_model(progress)
+        with self._write_lock(), closing(DecodeWorkers(workers)) as decoders:
+            model = self._indexing_model(progress, before_loading=decoders.start)
             interrupted = False
             try:
                 vectors = self.vectors()
-                report = Indexer(self.store, vectors, model, batch_size=batch_size, workers=workers,
+                report = Indexer(self.store, vectors, model, batch_size=batch_size, workers=decoders,
                                  progress=progress).run(roots)
             except KeyboardInterrupt:
                 interrupted = True  # a person waits: leave a load in flight to its daemon thread (it writes nothing)

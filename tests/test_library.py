@@ -148,3 +148,29 @@ def test_decode_workers_yield_the_cpu_to_a_model_on_the_cpu(tmp_path, tiny_check
     assert report.embedded == len(sources) > 8  # more than one chunk per worker
     assert seen and max(seen) == YIELDING_NICENESS
     assert os.getpriority(os.PRIO_PROCESS, 0) == own
+
+
+def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_checkpoint):
+    """A new index loads its model before the run: the decode workers start first, so their own start-up (a new
+    interpreter each) overlaps that load instead of delaying the first batch. A refresh that finds nothing new
+    starts none."""
+    import multiprocessing
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = sorted(shared("photos", "exif-samples").glob("*.jpg"))[:12]
+    for source in sources:
+        shutil.copy2(source, photos / source.name)
+    children: dict[str, int] = {}
+
+    def look(event: clipsearch.Progress) -> None:
+        children[event.phase] = max(children.get(event.phase, 0), len(multiprocessing.active_children()))
+
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        assert idx.index([photos], workers=2, progress=look).embedded == len(sources)
+    assert children["model"] == 2  # announced just before the load, the workers already on their way
+    assert not multiprocessing.active_children()  # and gone once the run is over
+    children.clear()
+    with clipsearch.open(tmp_path / "idx") as idx:
+        assert idx.index(workers=2, progress=look).unchanged == len(sources)
+    assert set(children.values()) == {0}
