@@ -218,7 +218,6 @@ class Indexer:
         self.vectors = vectors
         self.model = model
         self.batch_size = batch_size
-        self.workers = self.decoders.count
         self.progress = progress or (lambda _p: None)
         self.report = IndexReport()
 
@@ -330,13 +329,13 @@ class Indexer:
     # embedding ----------------------------------------------------------------------------------------------------
     def _decoded(self, work: list[_Work], spec: PreprocessSpec) -> Iterator[tuple[_Work, Decoded | None, str | None]]:
         """Decoded files in order, from worker processes with a bounded read-ahead (memory stays flat)."""
-        if self.workers == 0 or len(work) <= 2 * CHUNK:  # starting processes would cost more than it saves
+        if self.decoders.count == 0 or len(work) <= 2 * CHUNK:  # starting processes would cost more than it saves
             for item in work:
                 _path, decoded, error = media.decode(item.path, spec)
                 yield item, decoded, error
             return
         chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
-        window = max(2, (2 * self.batch_size) // CHUNK + self.workers)
+        window = max(2, (2 * self.batch_size) // CHUNK + self.decoders.count)
         pool = self.decoders.pool
         pending: deque[tuple[list[_Work], Future]] = deque()
         next_chunk = 0
@@ -353,7 +352,6 @@ class Indexer:
         finally:
             for _chunk, future in pending:
                 future.cancel()
-            self.decoders.close()  # idle workers would only hold memory through the save and the text export
 
     def _embed_all(self, plan: _Plan) -> None:
         spec = self.model.preprocess
@@ -461,6 +459,7 @@ class Indexer:
             values = {k: getattr(self.report, k) for k in
                       ("added", "updated", "moved", "copied", "removed", "errors", "unchanged", "seconds")}
             self.store.finish_run(run_id, {**values, "status": status, "warnings": "\n".join(self.report.warnings)})
+            self.decoders.close()  # idle workers would only hold memory through the save and the text export
         self.progress(Progress("done", self.report.embedded, self.report.embedded))
         return self.report
 

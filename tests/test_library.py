@@ -174,3 +174,11 @@ def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_c
     with clipsearch.open(tmp_path / "idx") as idx:
         assert idx.index(workers=2, progress=look).unchanged == len(sources)
     assert set(children.values()) == {0}
+    children.clear()
+    few = tmp_path / "few"  # decoded in this process (too few for workers): the early-started ones end with the run
+    few.mkdir()
+    for source in sources[:3]:
+        shutil.copy2(source, few / source.name)
+    with clipsearch.open(tmp_path / "idx-few", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        assert idx.index([few], workers=2, progress=look).embedded == 3
+    assert children["model"] == 2 and children["done"] == 0
