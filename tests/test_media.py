@@ -205,6 +205,19 @@ def test_to_model_input_layout_and_values():
     assert x[0, 1, 3, 4] == pytest.approx(-CLIP_SPEC.mean[1] / CLIP_SPEC.std[1])
 
 
+@pytest.mark.parametrize("mean, std", [(CLIP_SPEC.mean, CLIP_SPEC.std), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+def test_to_model_input_equals_torchvision_bit_for_bit_at_every_level(mean, std):
+    """The lookup table must reproduce ToTensor + Normalize exactly, for all 256 levels of each channel."""
+    from torchvision.transforms import functional as F
+
+    spec = PreprocessSpec((16, 48), mean, std)
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    img = np.stack([np.tile(levels, (1, 3)), np.tile(levels.T, (1, 3)), np.tile(255 - levels, (1, 3))], axis=-1)
+    ours = media.to_model_input(img, spec)[0]
+    ref = F.normalize(F.to_tensor(img), mean, std).numpy()
+    assert ours.dtype == ref.dtype and np.array_equal(ours, ref)
+
+
 # -------------------------------------------------------------------------------------------------- 2. broken files
 
 
