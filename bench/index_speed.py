@@ -9,6 +9,9 @@ cost). Also the peak memory of the `clipsearch index` process tree (issue 5, tar
 - naive: Pillow full decode -> open_clip `preprocess` in a torch DataLoader (`--naive-workers`, default 0: the
   DataLoader default) -> float32 `encode_image`, batch 32; model load excluded, so it compares with ours' reported rate.
 - model only: `encode_image` on ready tensors, same batch size and precision as ours.
+- decode: one pass of our own decoding over the folder in this process (CPU seconds per file). With the model-only
+  rate it gives the ceiling: on C cores no pipeline beats C / (C / model-only + decode) images/s, since decoding and
+  the model need the same cores; printed with ours' share of it.
 - refresh: after each timed run, `clipsearch index` again over the same folder and index, which finds nothing new
   and so never loads the model; its whole-process seconds, beside `python -c pass`.
 - memory: one more `clipsearch index` run (not timed) has its process tree (decode workers included) sampled every 20 ms; printed
@@ -34,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench")]
 
 from cold_query import timed  # noqa: E402 - one way to time a new process: wall and CPU seconds
+
+from clipsearch.cores import usable_cores  # noqa: E402 - the cores the index itself uses
 
 
 def make_checkpoint(directory: Path) -> Path:
@@ -64,7 +69,25 @@ def model_only_runner(checkpoint: Path, batch: int, precision: str):
             model.encode_images(x)
         return batch * batches / (time.perf_counter() - start)
 
-    return run, model.precision
+    return run, model.precision, model.preprocess
+
+
+def decode_runner(folder: Path, spec):
+    """A function timing one pass of our decoding over the folder in this process, as the workers do it (draft
+    decode, EXIF, preprocessing to the model's pixels): CPU seconds per file. With the model-only rate it gives the
+    most any pipeline can reach on these cores: decoding and the model need the same cores, so even with no gap
+    between them each image costs its model time plus its decode time."""
+    from clipsearch import media
+
+    paths = sorted(media.iter_images(folder))
+
+    def run() -> float:
+        start = time.process_time()
+        for path in paths:
+            media.decode(path, spec)
+        return (time.process_time() - start) / len(paths)
+
+    return run
 
 
 # the naive loop ---------------------------------------------------------------------------------------------------
@@ -221,11 +244,15 @@ def main() -> None:
         checkpoint = make_checkpoint(Path(tmp))
         ours, naive, model = [], [], []
         naive_loop = naive_runner(checkpoint, args.folder, args.batch_size, args.naive_workers)
-        model_only, model_precision = model_only_runner(checkpoint, args.batch_size, args.precision)
+        model_only, model_precision, spec = model_only_runner(checkpoint, args.batch_size, args.precision)
+        decode_pass = decode_runner(args.folder, spec)
+        decode_pass()  # warm-up: the first pass also pays Pillow's plugin imports
+        decode = []
         for _ in range(args.runs):  # interleaved, so a change in machine load hits every column alike
             ours.append(index_run(checkpoint, args.folder, extra))
             naive.append(naive_loop())
             model.append(model_only())
+            decode.append(decode_pass())
         memory = index_run(checkpoint, args.folder, extra, sample_memory=True)
     precision = ours[0]["precision"]
     ours_rate = statistics.median(r["reported"] for r in ours)
@@ -245,6 +272,13 @@ def main() -> None:
           f"{statistics.median(r['refresh'] for r in ours):.2f} s (`python -c pass`: {floor:.2f} s)")
     print(f"ratio ours / naive:      {ours_rate / naive_rate:.2f}   (target >= 2.5)")
     print(f"ratio ours / model-only: {ours_rate / model_rate:.2f}   (target >= 0.85)")
+    cores = usable_cores()
+    decode_cpu = statistics.median(decode)
+    ceiling = cores / (cores / model_rate + decode_cpu)
+    print(f"ceiling on {cores} cores: the model's {1e3 * cores / model_rate:.1f} ms of CPU per image (model only) plus "
+          f"decoding's {1e3 * decode_cpu:.1f} ms (one process, median) with no gap between them = {ceiling:.1f} "
+          f"images/s: {ceiling / naive_rate:.2f} x naive, {ceiling / model_rate:.2f} x model-only; ours reaches "
+          f"{ours_rate / ceiling:.2f} of it")
     print(f"peak memory of the clipsearch index process tree (one more run, sampled every 20 ms, up to "
           f"{memory['processes']} processes): summed VmRSS {memory['rss']:.0f} MB, summed PSS {memory['pss']:.0f} MB "
           f"(target <= 1536 MB)")
