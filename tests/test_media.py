@@ -216,6 +216,8 @@ def test_to_model_input_equals_torchvision_bit_for_bit_at_every_level(mean, std)
     ours = media.to_model_input(img, spec)[0]
     ref = F.normalize(F.to_tensor(img), mean, std).numpy()
     assert ours.dtype == ref.dtype and np.array_equal(ours, ref)
+    with pytest.raises(TypeError, match="uint8"):  # a float array would index the table with nonsense
+        media.to_model_input(img.astype(np.float32), spec)
 
 
 # -------------------------------------------------------------------------------------------------- 2. broken files
