@@ -38,6 +38,7 @@ sys.path[:0] = [str(REPO / "bench")]
 
 from cold_query import timed  # noqa: E402 - one way to time a new process: wall and CPU seconds
 
+from clipsearch import media  # noqa: E402 - imports no torch
 from clipsearch.cores import usable_cores  # noqa: E402 - the cores the index itself uses
 
 
@@ -72,15 +73,11 @@ def model_only_runner(checkpoint: Path, batch: int, precision: str):
     return run, model.precision, model.preprocess
 
 
-def decode_runner(folder: Path, spec):
+def decode_runner(paths: list[str], spec):
     """A function timing one pass of our decoding over the folder in this process, as the workers do it (draft
     decode, EXIF, preprocessing to the model's pixels): CPU seconds per file. With the model-only rate it gives the
     most any pipeline can reach on these cores: decoding and the model need the same cores, so even with no gap
     between them each image costs its model time plus its decode time."""
-    from clipsearch import media
-
-    paths = sorted(media.iter_images(folder))
-
     def run() -> float:
         start = time.process_time()
         for path in paths:
@@ -118,16 +115,13 @@ def _collate(items):
     return torch.stack(kept) if kept else None
 
 
-def naive_runner(checkpoint: Path, folder: Path, batch: int, workers: int):
+def naive_runner(checkpoint: Path, paths: list[str], batch: int, workers: int):
     """Load the model once; return a function that runs the naive loop over the folder: (images/s, images)."""
     import open_clip
     import torch
 
-    from clipsearch import media
-
     net, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(checkpoint))
     net.eval()
-    paths = sorted(str(p) for p in media.iter_images(folder))
 
     def run() -> tuple[float, int]:
         loader = torch.utils.data.DataLoader(_Files(paths, preprocess), batch_size=batch, num_workers=workers,
@@ -243,9 +237,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
         ours, naive, model = [], [], []
-        naive_loop = naive_runner(checkpoint, args.folder, args.batch_size, args.naive_workers)
+        paths = sorted(media.iter_images(args.folder))  # what the naive loop and the decode pass read
+        naive_loop = naive_runner(checkpoint, paths, args.batch_size, args.naive_workers)
         model_only, model_precision, spec = model_only_runner(checkpoint, args.batch_size, args.precision)
-        decode_pass = decode_runner(args.folder, spec)
+        decode_pass = decode_runner(paths, spec)
         decode_pass()  # warm-up: the first pass also pays Pillow's plugin imports
         decode = []
         for _ in range(args.runs):  # interleaved, so a change in machine load hits every column alike

@@ -135,7 +135,7 @@ class DeferredModel:
     def on_cpu(self) -> bool:
         """Whether the model is loaded and runs on the CPU (False while it loads: decoding then has the cores)."""
         model = self._model or self._loaded
-        return model is not None and str(model.device).startswith("cpu")
+        return model is not None and model.on_cpu
 
     @property
     def started(self) -> bool:

@@ -146,6 +146,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _on_cpu(device: str) -> bool:
+    """Whether a torch device string names the CPU ('cpu', 'cpu:0'): the one spelling of that check."""
+    return str(device).partition(":")[0] == "cpu"
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' becomes fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32; others are kept.
 
@@ -159,7 +164,7 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if str(device).startswith("cuda"):
         return "fp16"
-    if str(device) == "cpu" and not cpu_flags().isdisjoint(_BF16_CPU_FLAGS):
+    if _on_cpu(device) and not cpu_flags().isdisjoint(_BF16_CPU_FLAGS):
         return "bf16"
     return "fp32"
 
@@ -271,8 +276,9 @@ def _page_out(tensors: Sequence["torch.Tensor"]) -> int:
     """Ask Linux to reclaim the pages of these CPU tensors that a file holds (MADV_PAGEOUT), such as a mapped
     checkpoint's: the file gives them back on the next access, so nothing is lost, and it is for pages read once and
     not needed soon. Anonymous memory is left alone, since reclaiming it would only write it to swap. Returns the bytes
-    advised (0 elsewhere than Linux, or on a kernel before 5.4)."""
-    if not sys.platform.startswith("linux"):
+    advised (0 elsewhere than Linux, or on a kernel before 5.4). Tensors on another device are skipped."""
+    tensors = [tensor for tensor in tensors if tensor.device.type == "cpu"]
+    if not tensors or not sys.platform.startswith("linux"):
         return 0
     import bisect
     import ctypes
@@ -318,7 +324,7 @@ class ClipModel:
         previous = quiet.level
         quiet.setLevel(logging.CRITICAL)  # open_clip logs at error level before raising; we raise our own clear error
         try:
-            with _checkpoint_loading(torch, in_place=str(self.device) == "cpu"):
+            with _checkpoint_loading(torch, in_place=self.on_cpu):
                 net, _, _ = open_clip.create_model_and_transforms(
                     spec.name, pretrained=spec.pretrained, device=self.device
                 )
@@ -336,7 +342,7 @@ class ClipModel:
         replaced = [t.detach() for t in (*net.visual.parameters(), *net.visual.buffers())  # their old data: .to()
                     if t.is_floating_point() and t.dtype != self._image_dtype]            # swaps it out of them
         net.visual.to(self._image_dtype)  # only the image tower: the text tower stays float32 (see the module doc)
-        if replaced and str(self.device).startswith("cpu"):
+        if replaced:
             # The conversion read every float32 page of the mapped image tower, and those pages stay resident (the
             # mapping lives on for the text tower) though nothing reads them again: ViT-B-32 in bf16, 350 MB.
             _page_out(replaced)
@@ -383,9 +389,11 @@ class ClipModel:
         image forward can read again from the file. An indexing run calls this before exporting the text tower, which
         otherwise stacks on top of them: ViT-B-32, 335 MB fewer at the run's peak. A tower converted to bf16 holds
         copies that exist nowhere else, so _page_out leaves it alone."""
-        if not str(self.device).startswith("cpu"):
-            return 0
         return _page_out([*self._net.visual.parameters(), *self._net.visual.buffers()])
+
+    @property
+    def on_cpu(self) -> bool:
+        return _on_cpu(self.device)
 
     @property
     def context_length(self) -> int:
