@@ -1,8 +1,9 @@
 """The `indexer` room: scan -> diff against the store -> decode in worker processes -> embed in batches -> commit.
 
 Incremental by design: unchanged files (size + mtime) cost one stat; moved or copied files take their vector from the row
-with the same content fingerprint; only new or changed pixels reach the model. Each batch commits in one transaction, so a
-kill loses at most the batch in flight. Progress goes to a callback; nothing here prints.
+with the same content fingerprint; only new or changed pixels reach the model, in batches split over the model's
+streams (model.EncodeStreams), one running while the next is queued. Each batch commits in one transaction, so a kill
+loses at most those two. Progress goes to a callback; nothing here prints.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from . import media
 from .cores import usable_cores
 from .errors import BadInput, NotAnIndex
 from .media import Decoded, PreprocessSpec
-from .model import ClipModel
+from .model import ClipModel, EncodeStreams
 from .store import Store
 from .vectors import VectorIndex
 
@@ -89,6 +90,15 @@ class _Work:
         facts = {"width": None, "height": None, "taken": None, "format": None, **facts}
         return {"path": self.path, "root": self.root, "size": self.size, "mtime_ns": self.mtime_ns,
                 "fingerprint": self.fingerprint or None, "status": status, "error": error, **facts}
+
+
+@dataclass
+class _Batch:
+    """Images handed to the model (their vectors to come) and the failures committed with them."""
+
+    images: list[tuple[_Work, Decoded]]
+    failed: list[tuple[_Work, str]]
+    vectors: Callable[[], np.ndarray] | None  # waits for them
 
 
 @dataclass
@@ -220,6 +230,8 @@ class Indexer:
         self.batch_size = batch_size
         self.progress = progress or (lambda _p: None)
         self.report = IndexReport()
+        self._encoder: EncodeStreams | None = None
+        self._committed = 0  # files of this run whose batch is committed (progress)
 
     # planning -----------------------------------------------------------------------------------------------------
     def _plan(self, roots: Sequence[str]) -> _Plan:
@@ -356,7 +368,6 @@ class Indexer:
     def _embed_all(self, plan: _Plan) -> None:
         spec = self.model.preprocess
         total = len(plan.work)
-        done = 0
         batch: list[tuple[_Work, Decoded]] = []
         failed = [(item, UNSTORABLE) for item in plan.work if item.path in plan.unstorable]
         decodable = [w for w in plan.work if w.path not in plan.unstorable]
@@ -364,24 +375,39 @@ class Indexer:
             self.model.start()  # loads while the first files decode
         self.progress(Progress("embed", 0, total))
         size = min(self.batch_size, FIRST_BATCH)
+        running: deque[_Batch] = deque()  # submitted to the model, committed in this order
         for item, decoded, error in self._decoded(decodable, spec):
             if decoded is None:
                 failed.append((item, error or "unreadable"))
             else:
                 batch.append((item, decoded))
             if len(batch) >= size:
-                done += self._commit(batch, failed, plan)
+                while len(running) >= 2:  # one batch running, one queued behind it: commit the oldest first
+                    self._commit(running.popleft(), plan, total)
+                running.append(self._submit(batch, failed))
                 batch, failed, size = [], [], self.batch_size
-                self.progress(Progress("embed", done, total, item.path))
         if batch or failed:
-            done += self._commit(batch, failed, plan)
-            self.progress(Progress("embed", done, total))
+            running.append(self._submit(batch, failed))
+        while running:
+            self._commit(running.popleft(), plan, total)
 
-    def _commit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]], plan: _Plan) -> int:
-        vectors = np.empty((0, self.model.dim), np.float32)
+    def _streams(self) -> EncodeStreams:
+        """The model's encode streams, started with the first batch (after the model's load)."""
+        if self._encoder is None:
+            self._encoder = EncodeStreams(self.model.get())
+        return self._encoder
+
+    def _submit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]]) -> _Batch:
+        vectors = None
         if batch:
             pixels = np.stack([decoded.pixels for _item, decoded in batch])
-            vectors = self.model.get().encode_images(media.to_model_input(pixels, self.model.preprocess))
+            vectors = self._streams().submit(media.to_model_input(pixels, self.model.preprocess))
+        return _Batch(batch, failed, vectors)
+
+    def _commit(self, done: _Batch, plan: _Plan, total: int) -> None:
+        """Store one batch's vectors and errors in one transaction, once its stream has them."""
+        batch, failed = done.images, done.failed
+        vectors = done.vectors() if done.vectors is not None else np.empty((0, self.model.dim), np.float32)
         replaced: list[int] = []
         with self.store.transaction():
             for (item, decoded), vector in zip(batch, vectors):
@@ -402,7 +428,9 @@ class Indexer:
             self.store.bump_generation()
         self.report.embedded += len(batch)
         self._apply_to_faiss(removed=replaced)
-        return len(batch) + len(failed)
+        self._committed += len(batch) + len(failed)
+        last = batch[-1][0].path if batch else None
+        self.progress(Progress("embed", self._committed, total, last))
 
     def _apply_to_faiss(self, removed: list[int]) -> None:
         """Mirror the committed change in the in-memory FAISS index (saved once at the end of the run)."""
@@ -460,6 +488,8 @@ class Indexer:
                       ("added", "updated", "moved", "copied", "removed", "errors", "unchanged", "seconds")}
             self.store.finish_run(run_id, {**values, "status": status, "warnings": "\n".join(self.report.warnings)})
             self.decoders.close()  # idle workers would only hold memory through the save and the text export
+            if self._encoder is not None:  # a failed run leaves a batch still running to finish alone
+                self._encoder.close(wait=status == "ok")
         self.progress(Progress("done", self.report.embedded, self.report.embedded))
         return self.report
 

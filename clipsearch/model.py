@@ -16,13 +16,15 @@ import pickle
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from .cores import usable_cores
 from .errors import ModelError, first_line
 from .media import PreprocessSpec, fingerprint
 from .tokenizer import ClipTokenizer, UnsupportedTokenizer, from_open_clip
@@ -406,3 +408,45 @@ class ClipModel:
             return [False] * len(texts)
         limit = self.context_length - 2  # start and end tokens
         return [len(encode(text)) > limit for text in texts]
+
+
+class EncodeStreams:
+    """`encode_images` for the indexer: each batch split over streams, threads with their own share of the cores.
+
+    On the CPU, torch splits every operation of a batch over all cores, and each operation ends when its slowest
+    thread does. Measured on 2 cores (Zen 4, ViT-B-32 in bf16, alternating in one process): a batch of 32 as two
+    halves at once, one thread each, ran 35.3-39.6 images/s against 30.7-33.9 as one batch on two threads (float32:
+    within 4% either way). The streams also suit the decode workers, which take a core now and then: that pauses one
+    stream instead of stalling every thread of the batch at its next operation's end. Splitting each batch, rather
+    than giving each stream whole batches, keeps the streams finishing together, so the last batch of a run does not
+    leave a core idle. Elsewhere than the CPU there is one stream, which still lets the caller gather the next batch
+    while one runs.
+
+    torch's thread count is per thread, and new threads inherit the last one set anywhere: `close` sets the caller's
+    count again, so threads started later (another run's, a server's) get the usual count."""
+
+    def __init__(self, model: ClipModel, streams: int | None = None) -> None:
+        cores = usable_cores()
+        self.count = streams or (min(2, cores) if model.on_cpu else 1)
+        self._threads = max(1, cores // self.count) if model.on_cpu else None
+        self._model = model
+        self._restore = model._torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="clipsearch-encode",
+                                        initializer=self._claim_cores)
+
+    def _claim_cores(self) -> None:
+        if self._threads is not None:
+            self._model._torch.set_num_threads(self._threads)
+
+    def submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start encoding (N, 3, H, W) model input (see ClipModel.encode_images); returns the call that waits for
+        its (N, dim) vectors, in the batch's order."""
+        parts = [self._pool.submit(self._model.encode_images, part)
+                 for part in np.array_split(batch, max(1, min(self.count, len(batch))))]
+        return lambda: np.concatenate([part.result() for part in parts])
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the streams; `wait=False` leaves a batch already running to finish alone (an interrupted run)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+        if self._threads is not None:
+            self._model._torch.set_num_threads(self._restore)

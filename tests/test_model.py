@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipsearch.cores import usable_cores
 from clipsearch.errors import ModelError
 from clipsearch.model import ClipModel, ModelSpec
 from conftest import TINY_MODEL
@@ -232,3 +233,69 @@ def test_only_pages_a_file_holds_are_handed_back(tmp_path):
     assert _page_out([anonymous]) == 0
     assert _page_out([mapped]) >= anonymous.numel() * anonymous.element_size() - 2 * 4096
     assert torch.equal(mapped, anonymous)  # read again from the file
+
+
+def _spy_on_encode(model, monkeypatch) -> list[tuple[int, str, int]]:
+    """Record each encode_images call: (images, thread name, torch threads it ran with)."""
+    import threading
+
+    calls, encode = [], model.encode_images
+
+    def spy(batch):
+        calls.append((len(batch), threading.current_thread().name, torch.get_num_threads()))
+        return encode(batch)
+    monkeypatch.setattr(model, "encode_images", spy)
+    return calls
+
+
+def test_encode_streams_split_each_batch_over_single_threaded_streams_in_order(tiny_checkpoint, monkeypatch):
+    """The indexer's image tower: a batch of 5 runs as 3 + 2 images, one stream each with its share of the cores;
+    the vectors come back in the batch's order, as one call on the whole batch gives them."""
+    from clipsearch.model import EncodeStreams
+
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu", precision="fp32")
+    pixels = np.random.default_rng(0).standard_normal((5, 3, *model.preprocess.size)).astype(np.float32)
+    whole = model.encode_images(pixels)
+    calls = _spy_on_encode(model, monkeypatch)
+    streams = EncodeStreams(model, streams=2)
+    try:
+        got = streams.submit(pixels)()
+        single = streams.submit(pixels[3:4])()  # fewer images than streams: one part
+    finally:
+        streams.close()
+    np.testing.assert_allclose(got, whole, atol=1e-5)
+    np.testing.assert_allclose(single, whole[3:4], atol=1e-5)
+    assert sorted(n for n, _name, _threads in calls) == [1, 2, 3]
+    assert all(name.startswith("clipsearch-encode") for _n, name, _threads in calls)
+    assert {threads for _n, _name, threads in calls} == {max(1, usable_cores() // 2)}
+
+
+def test_encode_streams_leave_torch_threads_as_they_found_them(tiny_checkpoint):
+    """torch hands a new thread the thread count last set anywhere: after the streams (one thread each on 2 cores),
+    the caller and threads started later get the count from before."""
+    import threading
+
+    from clipsearch.model import EncodeStreams
+
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu", precision="fp32")
+    before = torch.get_num_threads()
+    streams = EncodeStreams(model, streams=before)  # one torch thread per stream
+    streams.submit(np.zeros((before, 3, *model.preprocess.size), np.float32))()
+    streams.close()
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert torch.get_num_threads() == before and seen == [before]
+
+
+@pytest.mark.parametrize("cores, count, threads", [(1, 1, 1), (2, 2, 1), (8, 2, 4)])
+def test_encode_streams_on_the_cpu_are_two_when_there_are_cores_for_them(tiny_checkpoint, monkeypatch, cores,
+                                                                         count, threads):
+    from clipsearch import model as model_room
+
+    monkeypatch.setattr(model_room, "usable_cores", lambda: cores)
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu", precision="fp32")
+    streams = model_room.EncodeStreams(model)
+    streams.close()
+    assert (streams.count, streams._threads) == (count, threads)
