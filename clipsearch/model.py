@@ -412,7 +412,8 @@ class ClipModel:
         On CPU the float32 weights are the checkpoint file's mapped pages (see _checkpoint_loading). A tower converted
         to bf16 holds copies that exist nowhere else: when its float32 data is the file's, the parameters go back to
         it and the copies are freed. An indexing run calls this before exporting the text tower, which otherwise
-        stacks on top of them: ViT-B-32, 335 MB fewer at the run's peak in float32, 176 MB in bf16."""
+        stacks on top of them: ViT-B-32, 335 MB fewer at the run's peak in float32, 176 MB in bf16. Not while images
+        are being encoded (the indexer's streams are closed by then)."""
         with self._converting:
             if self._file_weights:
                 for parameter, data in self._file_weights:
@@ -443,8 +444,8 @@ class EncodeStreams:
     """`encode_images` for the indexer: each batch split over streams, threads with their own share of the cores.
 
     On the CPU, torch splits every operation of a batch over all cores, and each operation ends when its slowest
-    thread does. Measured on 2 cores (Zen 4, ViT-B-32 in bf16, alternating in one process): a batch of 32 as two
-    halves at once, one thread each, ran 35.3-39.6 images/s against 30.7-33.9 as one batch on two threads (float32:
+    thread does. Measured on 2 cores (Zen 4, ViT-B-32 in bf16, alternating in one process, 6 rounds): batches of 32 as
+    two halves at once, one thread each, ran 37.1-39.6 images/s against 34.0-36.6 as one batch on two threads (float32:
     within 4% either way). The streams also suit the decode workers, which take a core now and then: that pauses one
     stream instead of stalling every thread of the batch at its next operation's end. Splitting each batch, rather
     than giving each stream whole batches, keeps the streams finishing together, so the last batch of a run does not
@@ -479,14 +480,12 @@ class EncodeStreams:
         self._pool.shutdown(wait=wait, cancel_futures=True)
         if self._threads is not None:
             self._model._torch.set_num_threads(self._restore)
-        if wait:
-            _trim_heap()
 
 
 def _trim_heap() -> None:
     """Hand the memory that freed allocations leave in glibc's heaps back to the OS (malloc_trim; elsewhere a no-op).
-    Each thread that allocates gets its own heap (arena), which keeps what the thread freed: after the encode streams,
-    their arenas held about 50 MB that stayed resident through the text export, the run's peak."""
+    It trims every thread's heap (arena): the image tower's bf16 copies freed by release_image_weights, and what the
+    encode streams' threads freed (about 50 MB, resident through the text export, the first run's peak)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
