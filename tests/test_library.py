@@ -123,6 +123,41 @@ def test_the_first_batch_is_small_so_the_model_starts_early(tmp_path, tiny_check
     assert [e.done for e in events if e.phase == "embed"] == [0, FIRST_BATCH, FIRST_BATCH + 12]
 
 
+def test_batches_run_split_over_the_encode_streams_and_commit_in_order(tmp_path, tiny_checkpoint, monkeypatch):
+    """On a CPU with 2 cores or more each batch runs as halves in the encode streams' threads, not in the caller's;
+    the vectors stored are those of one call on each image, whatever stream ran it."""
+    from clipsearch import model as model_room
+    from clipsearch.indexer import FIRST_BATCH
+
+    monkeypatch.setattr(model_room, "usable_cores", lambda: 2)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted(shared("photos", "exif-samples").glob("*.jpg"))[:FIRST_BATCH + 12]:
+        shutil.copy2(source, photos / source.name)
+    calls: list[tuple[int, str]] = []
+    encode = model_room.ClipModel.encode_images
+
+    def spy(self, batch):
+        import threading
+
+        calls.append((len(batch), threading.current_thread().name))
+        return encode(self, batch)
+    monkeypatch.setattr(model_room.ClipModel, "encode_images", spy)
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        idx.index([photos], workers=0, batch_size=8)
+        rows = {Path(row["path"]).name: idx.store.vector(row["id"]) for row in idx.store.db["images"].rows}
+        model = idx.model
+    assert sorted(n for n, _name in calls) == [2, 2, 4, 4, 4, 4], calls  # batches of 8, 8 and 4, each halved
+    assert all(name.startswith("clipsearch-encode") for _n, name in calls)
+    from clipsearch import media
+
+    assert len(rows) == FIRST_BATCH + 12
+    for name, stored in rows.items():
+        _path, decoded, _error = media.decode(str(photos / name), model.preprocess)
+        alone = encode(model, media.to_model_input(decoded.pixels[None], model.preprocess))[0]
+        np.testing.assert_allclose(stored, alone, atol=2e-3)
+
+
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
 def test_decode_workers_yield_the_cpu_to_a_model_on_the_cpu(tmp_path, tiny_checkpoint):
     """Beside a model on the CPU, decode workers run at the lowest priority, so they never take a core from the model's
