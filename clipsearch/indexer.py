@@ -230,7 +230,7 @@ class Indexer:
         self.batch_size = batch_size
         self.progress = progress or (lambda _p: None)
         self.report = IndexReport()
-        self._encoder: EncodeStreams | None = None
+        self._encode_streams: EncodeStreams | None = None
         self._committed = 0  # files of this run whose batch is committed (progress)
 
     # planning -----------------------------------------------------------------------------------------------------
@@ -393,9 +393,9 @@ class Indexer:
 
     def _streams(self) -> EncodeStreams:
         """The model's encode streams, started with the first batch (after the model's load)."""
-        if self._encoder is None:
-            self._encoder = EncodeStreams(self.model.get())
-        return self._encoder
+        if self._encode_streams is None:
+            self._encode_streams = EncodeStreams(self.model.get())
+        return self._encode_streams
 
     def _submit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]]) -> _Batch:
         vectors = None
@@ -407,7 +407,7 @@ class Indexer:
     def _commit(self, done: _Batch, plan: _Plan, total: int) -> None:
         """Store one batch's vectors and errors in one transaction, once its stream has them."""
         batch, failed = done.images, done.failed
-        vectors = done.vectors() if done.vectors is not None else np.empty((0, self.model.dim), np.float32)
+        vectors = done.vectors() if done.vectors is not None else []  # a batch of failures only
         replaced: list[int] = []
         with self.store.transaction():
             for (item, decoded), vector in zip(batch, vectors):
@@ -488,8 +488,8 @@ class Indexer:
                       ("added", "updated", "moved", "copied", "removed", "errors", "unchanged", "seconds")}
             self.store.finish_run(run_id, {**values, "status": status, "warnings": "\n".join(self.report.warnings)})
             self.decoders.close()  # idle workers would only hold memory through the save and the text export
-            if self._encoder is not None:  # a failed run leaves a batch still running to finish alone
-                self._encoder.close(wait=status == "ok")
+            if self._encode_streams is not None:  # a failed run leaves a batch still running to finish alone
+                self._encode_streams.close(wait=status == "ok")
         self.progress(Progress("done", self.report.embedded, self.report.embedded))
         return self.report
 

@@ -9,6 +9,7 @@ every precision are interchangeable (cosine >= 0.999 to float32), so the model i
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -283,7 +284,6 @@ def _page_out(tensors: Sequence["torch.Tensor"]) -> int:
     if not tensors or not sys.platform.startswith("linux"):
         return 0
     import bisect
-    import ctypes
     import mmap
 
     spans = []  # (start, end) of this process's file mappings, in address order
@@ -293,9 +293,7 @@ def _page_out(tensors: Sequence["torch.Tensor"]) -> int:
             if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
                 spans.append(tuple(int(x, 16) for x in fields[0].split("-")))
     starts = [start for start, _end in spans]
-    libc = ctypes.CDLL(None, use_errno=True)
-    madvise = libc.madvise
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    madvise = _libc().madvise
     page, released = mmap.PAGESIZE, 0
     for tensor in tensors:
         start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
@@ -482,15 +480,23 @@ class EncodeStreams:
             self._model._torch.set_num_threads(self._restore)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """The C library, with the signatures of the calls made here (madvise, malloc_trim)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return libc
+
+
 def _trim_heap() -> None:
     """Hand the memory that freed allocations leave in glibc's heaps back to the OS (malloc_trim; elsewhere a no-op).
     It trims every thread's heap (arena): the image tower's bf16 copies freed by release_image_weights, and what the
     encode streams' threads freed (about 50 MB, resident through the text export, the first run's peak)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        _libc().malloc_trim(0)
     except (AttributeError, OSError):  # pragma: no cover - a libc without it (musl)
         pass
