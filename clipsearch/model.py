@@ -28,6 +28,7 @@ import numpy as np
 from .cores import usable_cores
 from .errors import ModelError, first_line
 from .media import PreprocessSpec, fingerprint
+from .open_clip_import import import_open_clip
 from .tokenizer import ClipTokenizer, UnsupportedTokenizer, from_open_clip
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,7 +55,7 @@ class ModelSpec:
         """A model named without weights gets its first published tag (the default tag for the default model)."""
         if name == DEFAULT_MODEL:
             return cls(name, DEFAULT_PRETRAINED)
-        import open_clip
+        open_clip = import_open_clip()
 
         tags = open_clip.list_pretrained_tags_by_model(name)
         return cls(name, tags[0] if tags else "")
@@ -75,7 +76,7 @@ class ModelSpec:
 
 def register_project_configs() -> None:
     """Make the configs shipped in `clipsearch/model_configs` known to open_clip by name, like its built-in ones."""
-    import open_clip
+    open_clip = import_open_clip()
 
     if PROJECT_CONFIGS not in getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", []):
         open_clip.add_model_config(PROJECT_CONFIGS)
@@ -91,7 +92,7 @@ def pretrained_id(spec: ModelSpec) -> str:
 
 def _check_spec(spec: ModelSpec) -> None:
     """Fail early with a message a person can act on, before open_clip raises something vaguer."""
-    import open_clip
+    open_clip = import_open_clip()
 
     if spec.name.startswith(("hf-hub:", "local-dir:")):
         return
@@ -313,7 +314,7 @@ class ClipModel:
         import torch
 
         register_project_configs()
-        import open_clip
+        open_clip = import_open_clip()
 
         spec = spec.resolved()
         _check_spec(spec)

@@ -149,9 +149,10 @@ def _fit(out: Path, cfg: TrainConfig, jsonl: Path, tell: Callable[[StepInfo], No
     import torch
 
     from .model import register_project_configs
+    from .open_clip_import import import_open_clip
 
     register_project_configs()
-    import open_clip
+    open_clip = import_open_clip()
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
