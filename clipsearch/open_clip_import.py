@@ -36,14 +36,17 @@ def import_open_clip() -> types.ModuleType:
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
     with _lock:
-        with ExitStack() as deferred:
-            import torch  # noqa: F401 - the stand-in's parent package must be the real one
+        import torch  # noqa: F401 - the stand-in's parent package must be the real one
 
-            if "torch._dynamo" not in sys.modules and _DYNAMO_UTILS not in sys.modules:
-                deferred.enter_context(stand_in(_DYNAMO_UTILS, _LAZY_NAMES))
-            timm_held = "timm" not in sys.modules
-            if timm_held:
-                deferred.enter_context(_absent("timm"))
+        timm_held = "timm" not in sys.modules
+        try:
+            with ExitStack() as deferred:
+                if "torch._dynamo" not in sys.modules and _DYNAMO_UTILS not in sys.modules:
+                    deferred.enter_context(stand_in(_DYNAMO_UTILS, _LAZY_NAMES))
+                if timm_held:
+                    deferred.enter_context(_absent("timm"))
+                import open_clip
+        except ImportError:  # a version that cannot do without them at import time: as it comes
             import open_clip
 
         if timm_held:

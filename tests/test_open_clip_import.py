@@ -60,7 +60,27 @@ def test_what_was_deferred_still_works_when_asked_for():
                           "module": type(sys.modules["torch._dynamo.utils"].__spec__).__name__,
                           "timm": bool(timm.__version__)}))
     """)
-    assert out == {"before": False, "answer": out["real"], "real": out["real"], "module": "ModuleSpec", "timm": True}
+    assert out.pop("answer") == out.pop("real")
+    assert out == {"before": False, "module": "ModuleSpec", "timm": True}
+
+
+def test_a_version_that_needs_them_at_import_time_is_imported_as_it_comes():
+    """Should open_clip (or what it imports) stop treating timm as optional, the import must still succeed."""
+    out = _probe("""
+        import importlib.abc, json, sys
+        class NeedsTimm(importlib.abc.MetaPathFinder):  # open_clip.factory failing as if it imported timm bare
+            tried = 0
+            def find_spec(self, name, path=None, target=None):
+                if name == "open_clip.factory" and sys.modules.get("timm", 0) is None:
+                    NeedsTimm.tried += 1
+                    raise ImportError("No module named 'timm'")
+        sys.meta_path.insert(0, NeedsTimm())
+        from clipsearch.open_clip_import import import_open_clip
+        open_clip = import_open_clip()
+        print(json.dumps({"tried": NeedsTimm.tried, "factory": hasattr(open_clip, "create_model"),
+                          "held": "timm" in sys.modules and sys.modules["timm"] is None}))
+    """)
+    assert out == {"tried": 1, "factory": True, "held": False}
 
 
 @pytest.mark.slow
@@ -76,12 +96,13 @@ def test_a_timm_vision_tower_still_builds(tmp_path, through):
     (configs / "timm-tiny.json").write_text(json.dumps(TIMM_TINY))
     open_clip.add_model_config(configs)
     torch.save(open_clip.create_model("timm-tiny", pretrained=None).state_dict(), tmp_path / "timm.pt")
+    checkpoint = str(tmp_path / "timm.pt")
     build = {
-        "clipsearch": f"ClipModel(ModelSpec('timm-tiny', {str(tmp_path / 'timm.pt')!r}), device='cpu', precision='fp32')._net",
+        "clipsearch": f"ClipModel(ModelSpec('timm-tiny', {checkpoint!r}), device='cpu', precision='fp32')._net",
         "open_clip": "open_clip.create_model('timm-tiny', pretrained=None)",
     }[through]
     out = _probe(f"""
-        import json, sys
+        import json, sys, torch
         from clipsearch.model import ClipModel, ModelSpec
         from clipsearch.open_clip_import import import_open_clip
         open_clip = import_open_clip()
@@ -91,7 +112,7 @@ def test_a_timm_vision_tower_still_builds(tmp_path, through):
         print(json.dumps({{"timm_before": timm_before, "timm_after": "timm" in sys.modules,
                           "trunk": type(net.visual.trunk).__module__,
                           "shape": list(net.encode_image(torch.zeros(1, 3, 224, 224)).shape)}}))
-    """.replace("import json, sys", "import json, sys, torch"))
+    """)
     assert out == {"timm_before": False, "timm_after": True, "trunk": "timm.models.vision_transformer", "shape": [1, 64]}
 
 
