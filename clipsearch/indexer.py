@@ -142,12 +142,6 @@ class DeferredModel:
         return deferred
 
     @property
-    def on_cpu(self) -> bool:
-        """Whether the model is loaded and runs on the CPU (False while it loads: decoding then has the cores)."""
-        model = self._model or self._loaded
-        return model is not None and model.on_cpu
-
-    @property
     def started(self) -> bool:
         return self._model is not None or self._thread is not None
 
@@ -355,8 +349,7 @@ class Indexer:
             while pending or next_chunk < len(chunks):
                 while next_chunk < len(chunks) and len(pending) < window:
                     chunk = chunks[next_chunk]
-                    pending.append((chunk, pool.submit(media.decode_many, [w.path for w in chunk], spec,
-                                                       self.model.on_cpu)))
+                    pending.append((chunk, pool.submit(media.decode_many, [w.path for w in chunk], spec)))
                     next_chunk += 1
                 chunk, future = pending.popleft()
                 for item, (_path, decoded, error) in zip(chunk, future.result()):
@@ -541,8 +534,9 @@ def _fingerprint_or_empty(path: str) -> str:
 
 
 def default_workers() -> int:
-    """Decode processes: one per core. Beside a model on the CPU they run at the lowest priority and so take only the
-    time it leaves idle (media.yield_cpu_to_the_model); beside a GPU model they are what limits the rate."""
+    """Decode processes: one per core, at the indexing process's own priority. Beside a model on the CPU they share
+    the cores with its streams (lowered to nice 19 they starved whenever other programs kept the cores busy); beside
+    a GPU model they are what limits the rate."""
     return max(1, min(8, usable_cores()))
 
 

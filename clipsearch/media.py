@@ -64,7 +64,6 @@ Measured on the 198 shared photos/named images with a random ViT-B-32: factor 2 
 0.999 of a full decode (worst 0.99904, all others >= 0.99996) at about a third of the full-decode time of the >= 5 MP
 photos; factor 3 gives >= 0.99996 everywhere but costs ~35% more decode time; factor 1 falls below 0.999."""
 
-YIELDING_NICENESS = 19  # decode workers beside a CPU model: see yield_cpu_to_the_model
 _FINGERPRINT_CHUNK = 64 * 1024
 _MAX_RESIZED_PIXELS = 4_000_000  # above this the 'shortest' resize only computes the cropped region
 _MAX_REASON = 200
@@ -639,30 +638,9 @@ def decode(path: str, spec: PreprocessSpec) -> tuple[str, Decoded | None, str | 
         return path, None, _reason(exc, None)
 
 
-def decode_many(paths: list[str], spec: PreprocessSpec,
-                yield_cpu: bool = False) -> list[tuple[str, Decoded | None, str | None]]:
-    """Worker entry point for a chunk of files: one round trip between processes for several images. With
-    `yield_cpu`, this process drops to the lowest priority first (see yield_cpu_to_the_model)."""
-    if yield_cpu:
-        yield_cpu_to_the_model()
+def decode_many(paths: list[str], spec: PreprocessSpec) -> list[tuple[str, Decoded | None, str | None]]:
+    """Worker entry point for a chunk of files: one round trip between processes for several images."""
     return [decode(path, spec) for path in paths]
-
-
-def yield_cpu_to_the_model() -> None:
-    """Run this process at the lowest priority (nice 19) from now on, for a decode worker beside a model on the CPU.
-
-    The model's threads fill every core while a batch runs. A decode worker at equal priority takes a core from one of
-    them, and the others then wait for it at every operation's end: on 2 cores (ViT-B-32 in bf16), a batch of 32 took
-    1.1-1.6 s beside decoding against 0.85 s alone. At the lowest priority the workers run when the model leaves a core
-    idle, chiefly while the next batch is gathered: indexing ran 12% faster (bench/index_speed.py: 27.2 and 27.4
-    against 25.1 and 24.0 images/s, with one worker per core against one fewer at equal priority). Beside a GPU model
-    decoding is the bottleneck, so workers are never lowered there. An unprivileged process cannot raise its priority
-    again, which is fine: it is lowered only once the model is known to run on the CPU."""
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) < YIELDING_NICENESS:
-            os.setpriority(os.PRIO_PROCESS, 0, YIELDING_NICENESS)
-    except (AttributeError, OSError):  # pragma: no cover - Windows has no niceness; a sandbox may refuse
-        pass
 
 
 def init_worker(parent: int) -> None:

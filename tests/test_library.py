@@ -159,12 +159,11 @@ def test_batches_run_split_over_the_encode_streams_and_commit_in_order(tmp_path,
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
-def test_decode_workers_yield_the_cpu_to_a_model_on_the_cpu(tmp_path, tiny_checkpoint):
-    """Beside a model on the CPU, decode workers run at the lowest priority, so they never take a core from the model's
-    threads while a batch runs (media.yield_cpu_to_the_model); the indexing process itself keeps its priority."""
+def test_decode_workers_keep_the_indexing_process_priority(tmp_path, tiny_checkpoint):
+    """Decode workers run at the priority of the process that indexes, as its model's threads do. Lowered to nice 19,
+    they got almost no CPU while other programs kept the cores busy: with two busy loops beside it, indexing the
+    photos ran at 1.6-1.7 images/s against 16.2-16.8 at equal priority (see bench/README.md)."""
     import multiprocessing
-
-    from clipsearch.media import YIELDING_NICENESS
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -181,8 +180,7 @@ def test_decode_workers_yield_the_cpu_to_a_model_on_the_cpu(tmp_path, tiny_check
     with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
         report = idx.index([photos], workers=2, batch_size=4, progress=look)
     assert report.embedded == len(sources) > 8  # more than one chunk per worker
-    assert seen and max(seen) == YIELDING_NICENESS
-    assert os.getpriority(os.PRIO_PROCESS, 0) == own
+    assert seen and set(seen) == {own}
 
 
 def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_checkpoint):
