@@ -7,13 +7,15 @@ loses at most those two. Progress goes to a callback; nothing here prints.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import sqlite3
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -28,6 +30,8 @@ from .store import Store
 from .vectors import VectorIndex
 
 CHUNK = 4  # paths per worker task: amortises inter-process overhead without starving the batcher
+STARVED_AFTER = 1.0  # seconds the model may wait idle for one chunk from lowered workers before they are replaced
+STARVED_POLL = 0.1
 FIRST_BATCH = 8
 """The first batch is this small, so the model starts after 8 decodes instead of a whole batch's (ViT-B-32 on 2 cores
 embeds as many images/s at batch 8 as at 32); the rest use the batch size."""
@@ -142,6 +146,12 @@ class DeferredModel:
         return deferred
 
     @property
+    def on_cpu(self) -> bool:
+        """Whether the model is loaded and runs on the CPU (False while it loads: decoding then has the cores)."""
+        model = self._model or self._loaded
+        return model is not None and model.on_cpu
+
+    @property
     def started(self) -> bool:
         return self._model is not None or self._thread is not None
 
@@ -183,13 +193,18 @@ class DeferredModel:
 class DecodeWorkers:
     """The decode processes of one indexing run. They start on first use, or earlier through `start`: each is a new
     interpreter importing `media` (0.17-0.22 s here), which can overlap the model's load instead of delaying the
-    first batch. `close` ends them; it is safe to call more than once."""
+    first batch. `close` ends them; it is safe to call more than once.
+
+    Beside a model on the CPU the workers lower themselves to the lowest priority (media.yield_cpu_to_the_model) while
+    `yielding`; `stop_yielding` replaces them with new ones at the run's own priority, for good."""
 
     def __init__(self, count: int | None = None) -> None:
         if count is not None and count < 0:
             raise BadInput("--workers must be 0 or more")
         self.count = default_workers() if count is None else count
+        self.yielding = True
         self._pool: ProcessPoolExecutor | None = None
+        self._retired: list[ProcessPoolExecutor] = []
 
     def start(self) -> None:
         if self.count and self._pool is None:
@@ -204,10 +219,23 @@ class DecodeWorkers:
         assert self._pool is not None, "no decode workers (count 0)"
         return self._pool
 
-    def close(self) -> None:
+    def stop_yielding(self) -> None:
+        """Decode at the run's own priority from now on. Lowered workers cannot come back up, so new ones take over,
+        and the old ones are ended: what they were decoding, starved, is sent again to the new ones."""
+        self.yielding = False
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            workers = list(getattr(self._pool, "_processes", None) or {})  # ProcessPoolExecutor's pids
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for pid in workers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            self._retired.append(self._pool)
             self._pool = None
+
+    def close(self) -> None:
+        for pool in [*self._retired, *([self._pool] if self._pool is not None else [])]:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._retired = None, []
 
 
 class Indexer:
@@ -342,15 +370,24 @@ class Indexer:
             return
         chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
         window = max(2, (2 * self.batch_size) // CHUNK + self.decoders.count)
-        pool = self.decoders.pool
         pending: deque[tuple[list[_Work], Future]] = deque()
+        lowered = False  # some chunk went to workers that lower themselves
         next_chunk = 0
+
+        def send(chunk: list[_Work]) -> Future:
+            nonlocal lowered
+            yielding = self.decoders.yielding and self.model.on_cpu
+            lowered = lowered or yielding
+            return self.decoders.pool.submit(media.decode_many, [w.path for w in chunk], spec, yielding)
+
         try:
             while pending or next_chunk < len(chunks):
                 while next_chunk < len(chunks) and len(pending) < window:
-                    chunk = chunks[next_chunk]
-                    pending.append((chunk, pool.submit(media.decode_many, [w.path for w in chunk], spec)))
+                    pending.append((chunks[next_chunk], send(chunks[next_chunk])))
                     next_chunk += 1
+                if lowered and self.decoders.yielding and self._starved(pending[0][1]):
+                    self.decoders.stop_yielding()  # cancels what the old workers had not started: send it again
+                    pending = deque((chunk, send(chunk)) for chunk, _future in pending)
                 chunk, future = pending.popleft()
                 for item, (_path, decoded, error) in zip(chunk, future.result()):
                     yield item, decoded, error
@@ -383,6 +420,20 @@ class Indexer:
             running.append(self._submit(batch, failed))
         while running:
             self._commit(running.popleft(), plan, total)
+
+    def _starved(self, chunk: Future) -> bool:
+        """Whether the model sat idle for STARVED_AFTER seconds waiting for ``chunk`` from lowered workers: other
+        programs are keeping the cores busy, and beside them a worker at nice 19 gets almost nothing (beside two busy
+        loops on 2 cores, indexing ran at 1.6-1.7 images/s against 16.2-16.8 at equal priority)."""
+        idle_since: float | None = None
+        while not wait([chunk], timeout=STARVED_POLL).done:
+            if self._encode_streams is not None and self._encode_streams.busy:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= STARVED_AFTER:
+                return True
+        return False
 
     def _streams(self) -> EncodeStreams:
         """The model's encode streams, started with the first batch (after the model's load)."""
@@ -534,9 +585,8 @@ def _fingerprint_or_empty(path: str) -> str:
 
 
 def default_workers() -> int:
-    """Decode processes: one per core, at the indexing process's own priority. Beside a model on the CPU they share
-    the cores with its streams (lowered to nice 19 they starved whenever other programs kept the cores busy); beside
-    a GPU model they are what limits the rate."""
+    """Decode processes: one per core. Beside a model on the CPU they run at the lowest priority while that does not
+    starve the model (DecodeWorkers, Indexer._starved); beside a GPU model they are what limits the rate."""
     return max(1, min(8, usable_cores()))
 
 

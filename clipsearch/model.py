@@ -17,7 +17,7 @@ import pickle
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -460,6 +460,7 @@ class EncodeStreams:
         self._threads = max(1, cores // self.count) if model.on_cpu else None
         self._model = model
         self._restore = model._torch.get_num_threads()
+        self._parts: list[Future] = []
         self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="clipsearch-encode",
                                         initializer=self._claim_cores)
 
@@ -472,7 +473,13 @@ class EncodeStreams:
         its (N, dim) vectors, in the batch's order."""
         parts = [self._pool.submit(self._model.encode_images, part)
                  for part in np.array_split(batch, max(1, min(self.count, len(batch))))]
+        self._parts = [part for part in self._parts if not part.done()] + parts
         return lambda: np.concatenate([part.result() for part in parts])
+
+    @property
+    def busy(self) -> bool:
+        """Whether some batch submitted is still encoding, or queued for a stream."""
+        return any(not part.done() for part in self._parts)
 
     def close(self, wait: bool = True) -> None:
         """Stop the streams; `wait=False` leaves a batch already running to finish alone (an interrupted run)."""

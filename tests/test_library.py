@@ -158,11 +158,8 @@ def test_batches_run_split_over_the_encode_streams_and_commit_in_order(tmp_path,
         np.testing.assert_allclose(stored, alone, atol=2e-3)
 
 
-@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
-def test_decode_workers_keep_the_indexing_process_priority(tmp_path, tiny_checkpoint):
-    """Decode workers run at the priority of the process that indexes, as its model's threads do. Lowered to nice 19,
-    they got almost no CPU while other programs kept the cores busy: with two busy loops beside it, indexing the
-    photos ran at 1.6-1.7 images/s against 16.2-16.8 at equal priority (see bench/README.md)."""
+def _photos_with_priorities(tmp_path):
+    """Up to 24 photos, and a progress callback noting the priorities of the decode workers at each embed step."""
     import multiprocessing
 
     photos = tmp_path / "photos"
@@ -170,17 +167,58 @@ def test_decode_workers_keep_the_indexing_process_priority(tmp_path, tiny_checkp
     sources = sorted(shared("photos", "exif-samples").glob("*.jpg"))[:24]
     for source in sources:
         shutil.copy2(source, photos / source.name)
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    seen: list[int] = []
+    assert len(sources) > 8  # more than one chunk per worker
+    seen: list[list[int]] = []
 
     def look(event: clipsearch.Progress) -> None:
         if event.phase == "embed" and event.done:
-            seen.extend(os.getpriority(os.PRIO_PROCESS, child.pid) for child in multiprocessing.active_children())
+            seen.append(sorted(os.getpriority(os.PRIO_PROCESS, child.pid)
+                               for child in multiprocessing.active_children()))
+    return photos, seen, look
 
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
+def test_decode_workers_yield_the_cpu_to_a_model_on_the_cpu(tmp_path, tiny_checkpoint):
+    """Beside a model on the CPU, decode workers run at the lowest priority, so they take the cores chiefly while
+    the model is between batches (media.yield_cpu_to_the_model); the indexing process itself keeps its priority."""
+    from clipsearch.media import YIELDING_NICENESS
+
+    photos, seen, look = _photos_with_priorities(tmp_path)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
     with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
         report = idx.index([photos], workers=2, batch_size=4, progress=look)
-    assert report.embedded == len(sources) > 8  # more than one chunk per worker
-    assert seen and set(seen) == {own}
+    assert report.embedded == len(list(photos.iterdir()))
+    assert seen and max(max(step) for step in seen) == YIELDING_NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
+def test_starved_decode_workers_are_replaced_at_the_run_priority(tmp_path, tiny_checkpoint, monkeypatch):
+    """When the model sits idle waiting for lowered workers (other programs keep the cores busy: beside two busy
+    loops they got almost nothing), new workers at the run's own priority take over and what the old ones had not
+    delivered is decoded again: nothing is lost or stored twice, and no worker is left behind."""
+    import multiprocessing
+
+    from clipsearch import indexer, media
+
+    monkeypatch.setattr(indexer, "STARVED_AFTER", 0.0)  # any wait with the model idle counts as starved
+    monkeypatch.setattr(indexer, "STARVED_POLL", 0.01)
+    photos, seen, look = _photos_with_priorities(tmp_path)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    stopped: list[bool] = []
+    stop = indexer.DecodeWorkers.stop_yielding
+    monkeypatch.setattr(indexer.DecodeWorkers, "stop_yielding", lambda self: (stopped.append(True), stop(self)))
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        report = idx.index([photos], workers=2, batch_size=4, progress=look)
+        rows = {Path(row["path"]).name: idx.store.vector(row["id"]) for row in idx.store.db["images"].rows}
+        model = idx.model
+    assert stopped == [True]  # once: the new workers are never lowered
+    assert report.embedded == len(rows) == len(list(photos.iterdir())) and report.errors == 0
+    assert own in seen[-1] and multiprocessing.active_children() == []
+    for name, stored in rows.items():
+        _path, decoded, _error = media.decode(str(photos / name), model.preprocess)
+        alone = model.encode_images(media.to_model_input(decoded.pixels[None], model.preprocess))[0]
+        np.testing.assert_allclose(stored, alone, atol=2e-3)
 
 
 def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_checkpoint):

@@ -760,6 +760,27 @@ def test_decode_works_in_spawned_worker_processes(tmp_path):
         assert np.array_equal(decoded.pixels, local.pixels) and decoded.width == 300
 
 
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
+def test_a_worker_told_to_yield_drops_to_the_lowest_priority_for_good(tmp_path):
+    """Chunks sent while the model still loads decode at full priority; the first sent beside a CPU model lowers the
+    worker, which stays low (it could not come back up) and decodes exactly as before."""
+    good = str(_save(_noise_photo(300, 200), tmp_path / "good.jpg"))
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        def priority() -> int:
+            return pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+
+        first = pool.submit(media.decode_many, [good], CLIP_SPEC, False).result()
+        assert priority() == own
+        lowered = pool.submit(media.decode_many, [good], CLIP_SPEC, True).result()
+        assert priority() == media.YIELDING_NICENESS
+        pool.submit(media.decode_many, [good], CLIP_SPEC, False).result()
+        assert priority() == media.YIELDING_NICENESS
+    assert np.array_equal(first[0][1].pixels, lowered[0][1].pixels)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own
+
+
 def test_importing_media_does_not_import_torch():
     code = ("import sys, clipsearch.media; "
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")

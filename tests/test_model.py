@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import sys
 
 import numpy as np
@@ -299,3 +300,24 @@ def test_encode_streams_on_the_cpu_are_two_when_there_are_cores_for_them(tiny_ch
     streams = model_room.EncodeStreams(model)
     streams.close()
     assert (streams.count, streams._threads) == (count, threads)
+
+
+def test_encode_streams_say_whether_a_batch_is_still_encoding(tiny_checkpoint):
+    """The indexer tells a model waiting for decoding from a busy one by this (Indexer._starved)."""
+    from clipsearch.model import EncodeStreams
+
+    model = ClipModel(ModelSpec(TINY_MODEL, str(tiny_checkpoint)), device="cpu", precision="fp32")
+    streams = EncodeStreams(model, streams=2)
+    try:
+        assert not streams.busy
+        gate = threading.Event()
+        encode = model.encode_images
+        model.encode_images = lambda batch: (gate.wait(), encode(batch))[1]  # held until the gate opens
+        pixels = np.zeros((4, 3, *model.preprocess.size), np.float32)
+        result = streams.submit(pixels)
+        assert streams.busy
+        gate.set()
+        assert result().shape == (4, model.dim)
+        assert not streams.busy
+    finally:
+        streams.close()
