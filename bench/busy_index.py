@@ -8,8 +8,9 @@ bench's own priority, so the scheduler weighs them like the index's own processe
 a fresh index, and stops them after. Prints, per level, the medians of the rate the run reports (scan to last commit,
 model load excluded) and of the whole-process rate, and their ratio to the idle runs.
 
-When the decode workers were lowered to nice 19 beside a model on the CPU, they starved beside two busy loops on 2
-cores: 1.6-1.7 images/s against 16.2-16.8 at equal priority. This bench is how to see such a thing again.
+Decode workers lowered to nice 19 beside a model on the CPU, and left there, starved beside two busy loops on 2 cores:
+1.6-1.7 images/s against 16.0-16.8 at equal priority. The indexer now replaces them when the model sits idle waiting
+for them (indexer.STARVED_AFTER); this bench shows whether that works.
 """
 from __future__ import annotations
 
