@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench")]
 
-from index_speed import index_run, make_checkpoint  # noqa: E402 - one way to run and read `clipsearch index`
+from index_speed import checkpoint_in_child, index_run  # noqa: E402 - one way to run and read `clipsearch index`
 
 from clipsearch.cores import usable_cores  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
     levels = [0, *(int(n) for n in args.busy.split(",") if n.strip())]
     results: dict[int, list[dict]] = {level: [] for level in levels}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = make_checkpoint(Path(tmp))
+        checkpoint = checkpoint_in_child(Path(tmp))
         for run in range(args.runs):
             for level in levels:
                 loops = busy_loops(level)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT_NAME = "vit-b-32-random.pt"
 sys.path[:0] = [str(REPO / "bench")]
 
 from cold_query import timed  # noqa: E402 - one way to time a new process: wall and CPU seconds
@@ -50,9 +51,18 @@ def make_checkpoint(directory: Path) -> Path:
 
     torch.manual_seed(0)
     net = open_clip.create_model("ViT-B-32", pretrained=None)
-    path = directory / "vit-b-32-random.pt"
+    path = directory / CHECKPOINT_NAME
     torch.save(net.state_dict(), path)
     return path
+
+
+def checkpoint_in_child(directory: Path) -> Path:
+    """`make_checkpoint`, written by a child process, so that the caller imports no torch: a bench process holding
+    torch's libraries takes a share of their pages from the PSS it measures, and pays 3 s and 700 MB for nothing."""
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+                    f"from pathlib import Path; from index_speed import make_checkpoint; "
+                    f"make_checkpoint(Path({str(directory)!r}))"], check=True, capture_output=True)
+    return directory / CHECKPOINT_NAME
 
 
 def model_only_runner(checkpoint: Path, batch: int, precision: str):
@@ -253,10 +263,7 @@ def main() -> None:
     print(f"folder {args.folder}, {args.runs} runs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "vit-b-32-random.pt"  # written by a child: this process holds no torch yet
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
-                        f"from pathlib import Path; from index_speed import make_checkpoint; "
-                        f"make_checkpoint(Path({tmp!r}))"], check=True, capture_output=True)
+        checkpoint = checkpoint_in_child(Path(tmp))
         # Memory first, while this process has imported no torch: PSS splits a page among the processes that map it,
         # and torch's libraries would be mapped here too once the naive loop loads, which took 150-160 MB off the
         # figure (1389 against 1538-1555 MB, the same code).

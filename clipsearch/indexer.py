@@ -196,13 +196,15 @@ class DecodeWorkers:
     first batch. `close` ends them; it is safe to call more than once.
 
     Beside a model on the CPU the workers lower themselves to the lowest priority (media.yield_cpu_to_the_model) while
-    `yielding`; `stop_yielding` replaces them with new ones at the run's own priority, for good."""
+    `yielding`; `lowered` says some were told to; `stop_yielding` replaces them with new ones at the run's own
+    priority, for good."""
 
     def __init__(self, count: int | None = None) -> None:
         if count is not None and count < 0:
             raise BadInput("--workers must be 0 or more")
         self.count = default_workers() if count is None else count
         self.yielding = True
+        self.lowered = False
         self._pool: ProcessPoolExecutor | None = None
         self._retired: list[ProcessPoolExecutor] = []
 
@@ -219,10 +221,17 @@ class DecodeWorkers:
         assert self._pool is not None, "no decode workers (count 0)"
         return self._pool
 
+    def decode(self, paths: list[str], spec: PreprocessSpec, beside_cpu_model: bool) -> Future:
+        """Decode ``paths`` in a worker (media.decode_many), which first lowers itself when it runs beside a model on
+        the CPU and the workers still yield."""
+        lower = self.yielding and beside_cpu_model
+        self.lowered = self.lowered or lower
+        return self.pool.submit(media.decode_many, paths, spec, lower)
+
     def stop_yielding(self) -> None:
         """Decode at the run's own priority from now on. Lowered workers cannot come back up, so new ones take over,
         and the old ones are ended: what they were decoding, starved, is sent again to the new ones."""
-        self.yielding = False
+        self.yielding = self.lowered = False
         if self._pool is not None:
             workers = list(getattr(self._pool, "_processes", None) or {})  # ProcessPoolExecutor's pids
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -371,21 +380,17 @@ class Indexer:
         chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
         window = max(2, (2 * self.batch_size) // CHUNK + self.decoders.count)
         pending: deque[tuple[list[_Work], Future]] = deque()
-        lowered = False  # some chunk went to workers that lower themselves
         next_chunk = 0
 
         def send(chunk: list[_Work]) -> Future:
-            nonlocal lowered
-            yielding = self.decoders.yielding and self.model.on_cpu
-            lowered = lowered or yielding
-            return self.decoders.pool.submit(media.decode_many, [w.path for w in chunk], spec, yielding)
+            return self.decoders.decode([w.path for w in chunk], spec, self.model.on_cpu)
 
         try:
             while pending or next_chunk < len(chunks):
                 while next_chunk < len(chunks) and len(pending) < window:
                     pending.append((chunks[next_chunk], send(chunks[next_chunk])))
                     next_chunk += 1
-                if lowered and self.decoders.yielding and self._starved(pending[0][1]):
+                if self.decoders.lowered and self._starved(pending[0][1]):
                     self.decoders.stop_yielding()  # cancels what the old workers had not started: send it again
                     pending = deque((chunk, send(chunk)) for chunk, _future in pending)
                 chunk, future = pending.popleft()
