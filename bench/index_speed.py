@@ -3,6 +3,7 @@ use and with the model-only throughput, with a random-init ViT-B-32 checkpoint (
 cost). Also the peak memory of the `clipsearch index` process tree (issue 5, targets 1 and 5).
 
     python bench/index_speed.py [--runs 3] [--folder ../shared/data/photos] [--workers N] [--precision auto]
+                                [--device cuda]
 
 - ours: `clipsearch index FOLDER` in a new process, fresh index each run; its own reported rate (scan to last commit,
   model load excluded) and the whole-process rate (imports and model load included).
@@ -13,6 +14,8 @@ cost). Also the peak memory of the `clipsearch index` process tree (issue 5, tar
 - decode: one pass of our own decoding over the folder in this process (CPU seconds per file). With the model-only
   rate it gives the ceiling: on C cores no pipeline beats C / (C / model-only + decode) images/s, since decoding and
   the model need the same cores; printed with ours' share of it.
+- device: all three run the model on `--device` (default: clipsearch's own choice, cuda when available, else cpu), so
+  on a GPU machine they compare like with like; there the ceiling is what the cores can decode, or the model-only rate.
 - refresh: after each timed run, `clipsearch index` again over the same folder and index, which finds nothing new
   and so never loads the model; its whole-process seconds, beside `python -c pass`.
 - memory: one more `clipsearch index` run (not timed, the first, before this process imports torch) has its process
@@ -65,7 +68,7 @@ def checkpoint_in_child(directory: Path) -> Path:
     return directory / CHECKPOINT_NAME
 
 
-def model_only_runner(checkpoint: Path, batch: int, precision: str):
+def model_only_runner(checkpoint: Path, batch: int, precision: str, device: str):
     """Load the model once; return (a function timing `batches` batches of encode_image on ready tensors, two ways:
     (one batch at a time on torch's threads, as the naive loop runs it; through EncodeStreams, as `clipsearch index`
     runs it), in images/s; the precision used; the preprocessing)."""
@@ -73,7 +76,7 @@ def model_only_runner(checkpoint: Path, batch: int, precision: str):
 
     from clipsearch.model import ClipModel, EncodeStreams, ModelSpec
 
-    model = ClipModel(ModelSpec("ViT-B-32", str(checkpoint)), device="cpu", precision=precision)
+    model = ClipModel(ModelSpec("ViT-B-32", str(checkpoint)), device=device, precision=precision)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     model.encode_images(x)  # warm-up
 
@@ -143,13 +146,13 @@ def _collate(items):
     return torch.stack(kept) if kept else None
 
 
-def naive_runner(checkpoint: Path, paths: list[str], batch: int, workers: int):
+def naive_runner(checkpoint: Path, paths: list[str], batch: int, workers: int, device: str):
     """Load the model once; return a function that runs the naive loop over the folder: (images/s, images)."""
     import open_clip
     import torch
 
     net, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(checkpoint))
-    net.eval()
+    net.eval().to(device)
 
     def run() -> tuple[float, int]:
         loader = torch.utils.data.DataLoader(_Files(paths, preprocess), batch_size=batch, num_workers=workers,
@@ -159,8 +162,8 @@ def naive_runner(checkpoint: Path, paths: list[str], batch: int, workers: int):
         with torch.no_grad():
             for pixels in loader:
                 if pixels is not None:
-                    features = net.encode_image(pixels)
-                    features = features / features.norm(dim=-1, keepdim=True)
+                    features = net.encode_image(pixels.to(device))
+                    features = (features / features.norm(dim=-1, keepdim=True)).cpu()
                     done += len(features)
         return done / (time.perf_counter() - start), done
 
@@ -256,10 +259,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader num_workers of the naive loop")
+    parser.add_argument("--device", default=None, help="torch device of all three (default: clipsearch's own choice)")
     args = parser.parse_args()
     args.folder = args.folder.resolve()  # the refresh run names it resolved: one root, not two
     extra = ["--batch-size", str(args.batch_size), "--precision", args.precision] + \
-        (["--workers", str(args.workers)] if args.workers is not None else [])
+        (["--workers", str(args.workers)] if args.workers is not None else []) + \
+        (["--device", args.device] if args.device else [])
     print(f"folder {args.folder}, {args.runs} runs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,10 +274,13 @@ def main() -> None:
         # figure (1389 against 1538-1555 MB, the same code).
         assert "torch" not in sys.modules, "the memory run must come before this process imports torch"
         memory = index_run(checkpoint, args.folder, extra, sample_memory=True)
+        from clipsearch.model import default_device
+
+        device = args.device or default_device()  # what `clipsearch index` picks, unless told
         ours, naive, model = [], [], []
         paths = sorted(media.iter_images(args.folder))  # what the naive loop and the decode pass read
-        naive_loop = naive_runner(checkpoint, paths, args.batch_size, args.naive_workers)
-        model_only, model_precision, spec = model_only_runner(checkpoint, args.batch_size, args.precision)
+        naive_loop = naive_runner(checkpoint, paths, args.batch_size, args.naive_workers, device)
+        model_only, model_precision, spec = model_only_runner(checkpoint, args.batch_size, args.precision, device)
         decode_pass = decode_runner(paths, spec)
         decode_pass()  # warm-up: the first pass also pays Pillow's plugin imports
         decode = []
@@ -286,7 +294,7 @@ def main() -> None:
     naive_rate = statistics.median(r[0] for r in naive)
     plain_rate = statistics.median(r[0] for r in model)
     streams_rate = statistics.median(r[1] for r in model)
-    print(f"images per run: ours {ours[0]['embedded']}, naive {naive[0][1]}")
+    print(f"device {device}; images per run: ours {ours[0]['embedded']}, naive {naive[0][1]}")
     print(f"model only (encode_image on ready tensors, batch {args.batch_size}, {model_precision}): one batch at a time "
           f"on torch's threads, median {plain_rate:.1f} images/s; each batch split over EncodeStreams as clipsearch "
           f"index runs it, median {streams_rate:.1f} images/s")
@@ -305,11 +313,17 @@ def main() -> None:
     cores = usable_cores()
     decode_cpu = statistics.median(decode)
     model_rate = max(plain_rate, streams_rate)
-    ceiling = cores / (cores / model_rate + decode_cpu)
-    print(f"ceiling on {cores} cores: the model's {1e3 * cores / model_rate:.1f} ms of CPU per image (the faster model "
-          f"only) plus decoding's {1e3 * decode_cpu:.1f} ms (one process, median) with no gap between them = "
-          f"{ceiling:.1f} images/s: {ceiling / naive_rate:.2f} x naive, {ceiling / model_rate:.2f} x that model-only; "
-          f"ours reaches {ours_rate / ceiling:.2f} of it")
+    if device == "cpu":
+        ceiling = cores / (cores / model_rate + decode_cpu)
+        print(f"ceiling on {cores} cores: the model's {1e3 * cores / model_rate:.1f} ms of CPU per image (the faster "
+              f"model only) plus decoding's {1e3 * decode_cpu:.1f} ms (one process, median) with no gap between them "
+              f"= {ceiling:.1f} images/s: {ceiling / naive_rate:.2f} x naive, {ceiling / model_rate:.2f} x that "
+              f"model-only; ours reaches {ours_rate / ceiling:.2f} of it")
+    else:  # the model takes no CPU: every core can decode, and the slower of the two sets the pace
+        ceiling = min(model_rate, cores / decode_cpu)
+        print(f"ceiling beside a {device} model: {cores} cores decoding at {1e3 * decode_cpu:.1f} ms of CPU per image "
+              f"(one process, median) make {cores / decode_cpu:.1f} images/s, the model alone {model_rate:.1f}: "
+              f"{ceiling:.1f} images/s; ours reaches {ours_rate / ceiling:.2f} of it")
     print(f"peak memory of the clipsearch index process tree (one more run, first, sampled every 20 ms, up to "
           f"{memory['processes']} processes): summed VmRSS {memory['rss']:.0f} MB, summed PSS {memory['pss']:.0f} MB "
           f"(target <= 1536 MB)")
