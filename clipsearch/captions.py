@@ -133,11 +133,7 @@ def sync_sidecars(store: Store, model_loader: Callable[[], ClipModel], image_pat
     started = time.perf_counter()
     total = CaptionReport(SIDECAR_COLLECTION, "", "txt")
     existing_sources = set(store.caption_sources(SIDECAR_COLLECTION))
-    by_file: dict[str, list[str]] = {}
-    for image in image_paths:  # IMG_1.jpg and IMG_1.png may share IMG_1.txt: it describes both
-        text_file = sidecar_path(image)
-        if os.path.isfile(text_file):
-            by_file.setdefault(text_file, []).append(image)
+    by_file = _sidecars_beside(image_paths)
     for text_file, images in by_file.items():
         try:
             parsed = read_captions(text_file)
@@ -161,6 +157,25 @@ def sync_sidecars(store: Store, model_loader: Callable[[], ClipModel], image_pat
         total.removed += len(ids)
     total.seconds = time.perf_counter() - started
     return total
+
+
+def _sidecars_beside(image_paths: Sequence[str]) -> dict[str, list[str]]:
+    """The sidecar files present, each with the images it describes (IMG_1.jpg and IMG_1.png share IMG_1.txt).
+    One listing per folder rather than a stat per image: every refresh runs this over every indexed image."""
+    by_folder: dict[str, list[str]] = {}
+    for image in image_paths:
+        by_folder.setdefault(os.path.dirname(image), []).append(image)
+    by_file: dict[str, list[str]] = {}
+    for folder, images in by_folder.items():
+        try:
+            with os.scandir(folder) as entries:
+                present = {entry.path for entry in entries if entry.name.endswith(SIDECAR_SUFFIX) and entry.is_file()}
+        except OSError:  # gone or unreadable (an unplugged drive): no sidecar can be read there
+            continue
+        for image in images if present else ():
+            if (text_file := sidecar_path(image)) in present:
+                by_file.setdefault(text_file, []).append(image)
+    return by_file
 
 
 def _sidecar_gone(store: Store, source: str) -> bool:

@@ -78,6 +78,14 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+_UNDER = "path = ? OR substr(path, 1, ?) = ?"  # with _under(root): rows at or under root, a folder or a file
+
+
+def _under(root: str) -> list[object]:
+    prefix = root.rstrip("/") + "/"
+    return [root, len(prefix), prefix]
+
+
 @dataclass
 class ImageState:
     """What the indexer needs to decide whether a file changed, without loading whole rows."""
@@ -205,11 +213,7 @@ class Store:
     # images -------------------------------------------------------------------------------------------------------
     def states_under(self, root: str) -> dict[str, ImageState]:
         """Rows at or under `root` (a folder or a single file), whatever root they were indexed from, keyed by path."""
-        prefix = root.rstrip("/") + "/"
-        rows = self.conn.execute(
-            "SELECT path, id, size, mtime_ns, status FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
-            [root, len(prefix), prefix],
-        )
+        rows = self.conn.execute(f"SELECT path, id, size, mtime_ns, status FROM images WHERE {_UNDER}", _under(root))
         return {path: ImageState(id_, size, mtime, status) for path, id_, size, mtime, status in rows}
 
     def rows_with_fingerprints(self, fingerprints: Iterable[str]) -> dict[str, list[dict]]:
@@ -430,10 +434,11 @@ class Store:
             "WHERE c.collection = ? AND c.source = ?", [collection, source]).fetchone()[0]
 
     def ok_paths_under(self, roots: Sequence[str]) -> list[str]:
-        paths: list[str] = []
+        paths: set[str] = set()
         for root in roots:
-            paths += [path for path, state in self.states_under(root).items() if state.status == "ok"]
-        return sorted(set(paths))
+            paths.update(path for (path,) in self.conn.execute(
+                f"SELECT path FROM images WHERE status = 'ok' AND ({_UNDER})", _under(root)))
+        return sorted(paths)
 
     def ok_ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}

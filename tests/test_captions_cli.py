@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import clipsearch
-from conftest import shared
+from conftest import TINY_MODEL, shared
 from test_cli import as_json, clip, tiny
 
 
@@ -186,6 +186,25 @@ def test_sidecar_text_files_become_linked_captions(tmp_path, tiny_checkpoint):
     images[1].unlink()
     clip("index", "--index", idx)
     assert as_json("info", "--index", idx)["captions"] == 0
+
+
+def test_sidecars_are_files_beside_their_image_links_followed(tmp_path, tiny_checkpoint):
+    """Sidecars are found from one listing per folder (not a stat per image), with isfile's meaning: a folder named
+    like a sidecar is none, a link to a text file is one, and the images of another folder never see it."""
+    photos, other = tmp_path / "photos", tmp_path / "photos" / "sub"
+    other.mkdir(parents=True)
+    sources = sorted(shared("photos", "exif-samples").glob("*.jpg"))[:3]
+    for n, source in enumerate(sources[:2]):
+        shutil.copy2(source, photos / f"IMG_{n}.jpg")
+    shutil.copy2(sources[2], other / "IMG_0.jpg")  # same stem, other folder: photos/IMG_0.txt is not its sidecar
+    (photos / "IMG_0.txt").mkdir()
+    (tmp_path / "elsewhere.txt").write_text("a lighthouse in fog\n")
+    (photos / "IMG_1.txt").symlink_to(tmp_path / "elsewhere.txt")
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        report = idx.index([photos], workers=0)
+        assert report.captions == 1 and not report.warnings
+        assert [(hit.text, Path(hit.image).name) for hit in idx.search_captions("a lighthouse in fog", k=5)] == \
+            [("a lighthouse in fog", "IMG_1.jpg")]
 
 
 @pytest.mark.slow
