@@ -78,12 +78,10 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-_UNDER = "path = ? OR substr(path, 1, ?) = ?"  # with _under(root): rows at or under root, a folder or a file
-
-
-def _under(root: str) -> list[object]:
+def _under(root: str) -> tuple[str, list[object]]:
+    """(SQL condition, its parameters) for the image rows at or under `root`, a folder or a single file."""
     prefix = root.rstrip("/") + "/"
-    return [root, len(prefix), prefix]
+    return "(path = ? OR substr(path, 1, ?) = ?)", [root, len(prefix), prefix]
 
 
 @dataclass
@@ -213,7 +211,8 @@ class Store:
     # images -------------------------------------------------------------------------------------------------------
     def states_under(self, root: str) -> dict[str, ImageState]:
         """Rows at or under `root` (a folder or a single file), whatever root they were indexed from, keyed by path."""
-        rows = self.conn.execute(f"SELECT path, id, size, mtime_ns, status FROM images WHERE {_UNDER}", _under(root))
+        under, params = _under(root)
+        rows = self.conn.execute(f"SELECT path, id, size, mtime_ns, status FROM images WHERE {under}", params)
         return {path: ImageState(id_, size, mtime, status) for path, id_, size, mtime, status in rows}
 
     def rows_with_fingerprints(self, fingerprints: Iterable[str]) -> dict[str, list[dict]]:
@@ -436,8 +435,9 @@ class Store:
     def ok_paths_under(self, roots: Sequence[str]) -> list[str]:
         paths: set[str] = set()
         for root in roots:
+            under, params = _under(root)
             paths.update(path for (path,) in self.conn.execute(
-                f"SELECT path FROM images WHERE status = 'ok' AND ({_UNDER})", _under(root)))
+                f"SELECT path FROM images WHERE status = 'ok' AND {under}", params))
         return sorted(paths)
 
     def ok_ids_by_path(self, paths: Sequence[str]) -> dict[str, int]:
