@@ -313,7 +313,9 @@ def main() -> None:
     cores = usable_cores()
     decode_cpu = statistics.median(decode)
     model_rate = max(plain_rate, streams_rate)
-    if device == "cpu":
+    import torch
+
+    if torch.device(device).type == "cpu":
         ceiling = cores / (cores / model_rate + decode_cpu)
         print(f"ceiling on {cores} cores: the model's {1e3 * cores / model_rate:.1f} ms of CPU per image (the faster "
               f"model only) plus decoding's {1e3 * decode_cpu:.1f} ms (one process, median) with no gap between them "
