@@ -284,11 +284,14 @@ def main() -> None:
         decode_pass = decode_runner(paths, spec)
         decode_pass()  # warm-up: the first pass also pays Pillow's plugin imports
         decode = []
-        for _ in range(args.runs):  # interleaved, so a change in machine load hits every column alike
+        for run in range(args.runs):  # interleaved, so a change in machine load hits every column alike
             ours.append(index_run(checkpoint, args.folder, extra))
             naive.append(naive_loop())
             model.append(model_only())
             decode.append(decode_pass())
+            print(f"run {run + 1}: ours {ours[-1]['reported']:.1f} images/s, naive {naive[-1][0]:.1f}, model only "
+                  f"{model[-1][0]:.1f} / {model[-1][1]:.1f} (plain / streams), decoding {1e3 * decode[-1]:.1f} ms per "
+                  f"file", flush=True)
     precision = ours[0]["precision"]
     ours_rate = statistics.median(r["reported"] for r in ours)
     naive_rate = statistics.median(r[0] for r in naive)
