@@ -61,8 +61,10 @@ JPEG cheap, so for JPEG this constant alone decides."""
 DRAFT_FACTOR = 2
 """JPEG draft (DCT-domain 1/2, 1/4, 1/8) decoding keeps both sides at least this many times the model's input size.
 Measured on the 198 shared photos/named images with a random ViT-B-32: factor 2 keeps every embedding within cosine
-0.999 of a full decode (worst 0.99904, all others >= 0.99996) at about a third of the full-decode time of the >= 5 MP
-photos; factor 3 gives >= 0.99996 everywhere but costs ~35% more decode time; factor 1 falls below 0.999."""
+0.999 of a full decode at about a third of the full-decode time of the >= 5 MP photos; factor 3 costs ~35% more decode
+time; factor 1 falls below 0.999. Since the resize keeps the full image's geometry (preprocess_pixels' `full_size`),
+factor 2's worst on the 146 photos is cosine 0.99991 (random ViT-B-32; 0.99994 ViT-B-16) and 44.3 dB against a full
+decode, where geometry taken from the scaled image gave 0.99891 and 28.8 dB."""
 
 YIELDING_NICENESS = 19  # decode workers beside a CPU model: see yield_cpu_to_the_model
 _FINGERPRINT_CHUNK = 64 * 1024
@@ -305,27 +307,38 @@ class PreprocessSpec:
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
 
 
-def preprocess_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+def preprocess_pixels(img: Image.Image, spec: PreprocessSpec, full_size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 (H, W, 3) exactly as open_clip's eval transform would crop and resize ``img`` (an RGB image).
 
     The size arithmetic is torchvision's (Resize int-truncates the long side, ResizeKeepRatio rounds, CenterCrop uses
     Python's round), and so are the PIL calls, so the result is bit-identical. Only when the intermediate image would be
     huge (a 1:100 panorama) do we resize just the kept region with PIL's ``box``: same scale and taps, bounded memory,
     but Pillow may then run its two passes in the other order (a few LSB of difference).
+
+    ``full_size`` is the (width, height) of the image ``img`` stands for when it was decoded at a reduced scale (JPEG
+    draft mode): every size and crop is then the full image's, and ``img`` is resized over exactly the extent of the
+    full image. libjpeg rounds a scaled side up (1181 rows at 1/2 give 591), and sizes taken from the scaled image put
+    the crop up to a pixel off and stretch it by that rounding: 28.8 dB against a full decode on one of the shared
+    photos, 53.6 dB with the full image's geometry.
     """
     if img.mode != "RGB":
         img = to_rgb(img)
     th, tw = spec.size
-    w, h = img.size
+    extent = _extent(img.size, full_size) if full_size else None
+    w, h = full_size if extent is not None else img.size
     resample = _RESAMPLE[spec.interpolation]
+
+    def fit(size: tuple[int, int]) -> Image.Image:
+        """The whole image at ``size``, as if resized from its full resolution."""
+        if extent is None:
+            return img if size == img.size else img.resize(size, resample)
+        return img.resize(size, resample, box=extent)
+
     if spec.resize_mode == "squash":
-        out = img if (w, h) == (tw, th) else img.resize((tw, th), resample)
-        return np.asarray(out, dtype=np.uint8).copy()
+        return np.asarray(fit((tw, th)), dtype=np.uint8).copy()
     if spec.resize_mode == "longest":
         ratio = max(h / th, w / tw)
-        nh, nw = round(h / ratio), round(w / ratio)
-        resized = img if (nw, nh) == (w, h) else img.resize((nw, nh), resample)
-        return _crop_or_pad(resized, th, tw, spec.fill_color)
+        return _crop_or_pad(fit((round(w / ratio), round(h / ratio))), th, tw, spec.fill_color)
     # 'shortest'
     if th == tw:  # torchvision Resize(int): the short side becomes th, the long side int()-truncated
         if w <= h:
@@ -337,17 +350,27 @@ def preprocess_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         nh, nw = round(h / ratio), round(w / ratio)
         resample = Image.Resampling.BICUBIC
     if nh < th or nw < tw:  # cannot happen with the arithmetic above, but keep torchvision's pad-then-crop semantics
-        resized = img if (nw, nh) == (w, h) else img.resize((nw, nh), resample)
-        return _crop_or_pad(resized, th, tw, 0)
+        return _crop_or_pad(fit((nw, nh)), th, tw, 0)
     top = int(round((nh - th) / 2.0))
     left = int(round((nw - tw) / 2.0))
     if nw * nh <= _MAX_RESIZED_PIXELS:  # exactly torchvision: resize everything, then crop
-        resized = img if (nw, nh) == (w, h) else img.resize((nw, nh), resample)
-        out = resized.crop((left, top, left + tw, top + th))
+        out = fit((nw, nh)).crop((left, top, left + tw, top + th))
     else:  # extreme panorama: resize only the kept region (same scale; may differ by 1-3 LSB, never by geometry)
-        sx, sy = w / nw, h / nh
+        ex, ey = extent[2:] if extent is not None else img.size
+        sx, sy = ex / nw, ey / nh
         out = img.resize((tw, th), resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
     return np.asarray(out, dtype=np.uint8).copy()
+
+
+def _extent(decoded: tuple[int, int], full: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """The box of an image decoded at a DCT scale (1/2, 1/4, 1/8) of ``full`` that covers exactly the full image,
+    in the decoded image's pixels: libjpeg rounds a scaled side up, so its last row or column is partly padding when
+    a side is not a multiple of the scale. None when the sizes are not such a scaling (decoded at full size)."""
+    full_w, full_h = full
+    for scale in (2, 4, 8):
+        if decoded == (-(-full_w // scale), -(-full_h // scale)):
+            return 0.0, 0.0, full_w / scale, full_h / scale
+    return None
 
 
 def _crop_or_pad(img: Image.Image, th: int, tw: int, fill: int) -> np.ndarray:
@@ -623,7 +646,7 @@ def load(path: str | os.PathLike, spec: PreprocessSpec) -> Decoded:
     """
     img, fmt, taken, (width, height) = _decode_file(path, spec.size)
     try:
-        pixels = preprocess_pixels(img, spec)
+        pixels = preprocess_pixels(img, spec, full_size=(width, height))
     except _DECODE_ERRORS as exc:
         raise MediaError(_reason(exc, fmt)) from exc
     return Decoded(width=width, height=height, taken=taken, format=fmt, pixels=pixels)

@@ -534,6 +534,39 @@ def test_draft_decoding_is_smaller_and_stays_faithful(big_jpeg, vitb32_random):
     assert float(a @ b) >= COSINE_MIN
 
 
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize("size", [(1773, 1181), (1181, 1773), (3001, 2001)])
+def test_draft_keeps_the_full_images_geometry(tmp_path, size):
+    """A side that is not a multiple of the DCT scale is rounded up by libjpeg (1181 rows at 1/2 give 591): sizes and
+    crops are still the full image's, so the shapes' edges land where a full decode puts them (from the scaled size,
+    edges moved by up to 69 levels: 40.7-45.0 dB)."""
+    path = _save(_noise_photo(*size, seed=3), tmp_path / "odd.jpg", quality=95)
+    assert media.open_image(path, CLIP_SPEC.size).size != size  # drafted
+    full = media.preprocess_pixels(media.open_image(path), CLIP_SPEC)
+    drafted = media.load(path, CLIP_SPEC).pixels
+    assert np.abs(drafted.astype(int) - full).max() <= 12 and _psnr(drafted, full) >= 48
+
+
+def test_draft_geometry_on_a_real_photo_with_an_odd_side():
+    """Canon EOS D60, 1772x1181, decoded at 1/2: 28.8 dB against a full decode when the geometry came from the 886x591
+    draft, 53.6 dB now."""
+    path = next(shared("photos").rglob("Canon EOS D60.jpg"))
+    full = media.preprocess_pixels(media.open_image(path), CLIP_SPEC)
+    assert _psnr(media.load(path, CLIP_SPEC).pixels, full) >= 45
+
+
+def test_draft_extent_is_only_a_dct_scaling():
+    assert media._extent((886, 591), (1772, 1181)) == (0.0, 0.0, 886.0, 590.5)
+    assert media._extent((500, 375), (4000, 3000)) == (0.0, 0.0, 500.0, 375.0)
+    assert media._extent((1772, 1181), (1772, 1181)) is None  # full size
+    assert media._extent((3000, 4000), (4000, 3000)) is None  # not a scaling of it: its own size is the geometry
+    assert media._extent((887, 591), (1772, 1181)) is None
+
+
 def test_draft_respects_rotation(tmp_path):
     """Draft scales the stored image: for orientations 5-8 the requested sides must be swapped."""
     path = _marker_jpeg(tmp_path / "rot.jpg", 6, size=(4000, 2000))
