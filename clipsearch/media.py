@@ -61,7 +61,7 @@ JPEG cheap, so for JPEG this constant alone decides."""
 DRAFT_FACTOR = 1.5
 """JPEG draft (DCT-domain 1/2, 1/4, 1/8) decoding keeps both sides at least this many times the model's input size.
 Measured on the 146 shared photos against a full decode, with the resize keeping the full image's geometry
-(preprocess_pixels' `full_size`; random-init ViT-B-32 and ViT-B-16, worst photo):
+(preprocess_pixels' `full_size` and `box`; random-init ViT-B-32 and ViT-B-16, worst photo):
 
 | factor | cosine | PSNR | decoding per photo |
 | --- | --- | --- | --- |
@@ -315,7 +315,8 @@ class PreprocessSpec:
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
 
 
-def preprocess_pixels(img: Image.Image, spec: PreprocessSpec, full_size: tuple[int, int] | None = None) -> np.ndarray:
+def preprocess_pixels(img: Image.Image, spec: PreprocessSpec, full_size: tuple[int, int] | None = None,
+                      box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """uint8 (H, W, 3) exactly as open_clip's eval transform would crop and resize ``img`` (an RGB image).
 
     The size arithmetic is torchvision's (Resize int-truncates the long side, ResizeKeepRatio rounds, CenterCrop uses
@@ -323,24 +324,23 @@ def preprocess_pixels(img: Image.Image, spec: PreprocessSpec, full_size: tuple[i
     huge (a 1:100 panorama) do we resize just the kept region with PIL's ``box``: same scale and taps, bounded memory,
     but Pillow may then run its two passes in the other order (a few LSB of difference).
 
-    ``full_size`` is the (width, height) of the image ``img`` stands for when it was decoded at a reduced scale (JPEG
-    draft mode): every size and crop is then the full image's, and ``img`` is resized over exactly the extent of the
-    full image. libjpeg rounds a scaled side up (1181 rows at 1/2 give 591), and sizes taken from the scaled image put
-    the crop up to a pixel off and stretch it by that rounding: 28.8 dB against a full decode on one of the shared
-    photos, 53.6 dB with the full image's geometry.
+    ``full_size`` and ``box`` describe an ``img`` decoded at a reduced scale (JPEG draft mode, see `_decode_file`): the
+    (width, height) of the full picture, and the region of ``img`` that holds it. Every size and crop is then the full
+    picture's, and ``img`` is resized over exactly that region. libjpeg rounds a scaled side up (1181 rows at 1/2 give
+    591, half a row of it padding), and sizes taken from the scaled image put the crop up to a pixel off and stretch
+    it by that rounding: 28.8 dB against a full decode on one of the shared photos, 53.6 dB with the full geometry.
     """
     if img.mode != "RGB":
         img = to_rgb(img)
     th, tw = spec.size
-    extent = _extent(img.size, full_size) if full_size else None
-    w, h = full_size if extent is not None else img.size
+    w, h = full_size if full_size is not None and box is not None else img.size
     resample = _RESAMPLE[spec.interpolation]
 
     def fit(size: tuple[int, int]) -> Image.Image:
         """The whole image at ``size``, as if resized from its full resolution."""
-        if extent is None:
+        if box is None:
             return img if size == img.size else img.resize(size, resample)
-        return img.resize(size, resample, box=extent)
+        return img.resize(size, resample, box=box)
 
     if spec.resize_mode == "squash":
         return np.asarray(fit((tw, th)), dtype=np.uint8).copy()
@@ -364,21 +364,28 @@ def preprocess_pixels(img: Image.Image, spec: PreprocessSpec, full_size: tuple[i
     if nw * nh <= _MAX_RESIZED_PIXELS:  # exactly torchvision: resize everything, then crop
         out = fit((nw, nh)).crop((left, top, left + tw, top + th))
     else:  # extreme panorama: resize only the kept region (same scale; may differ by 1-3 LSB, never by geometry)
-        ex, ey = extent[2:] if extent is not None else img.size
-        sx, sy = ex / nw, ey / nh
-        out = img.resize((tw, th), resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
+        x0, y0, x1, y1 = box or (0, 0, *img.size)
+        sx, sy = (x1 - x0) / nw, (y1 - y0) / nh
+        out = img.resize((tw, th), resample,
+                         box=(x0 + left * sx, y0 + top * sy, x0 + (left + tw) * sx, y0 + (top + th) * sy))
     return np.asarray(out, dtype=np.uint8).copy()
 
 
-def _extent(decoded: tuple[int, int], full: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """The box of an image decoded at a DCT scale (1/2, 1/4, 1/8) of ``full`` that covers exactly the full image,
-    in the decoded image's pixels: libjpeg rounds a scaled side up, so its last row or column is partly padding when
-    a side is not a multiple of the scale. None when the sizes are not such a scaling (decoded at full size)."""
-    full_w, full_h = full
-    for scale in (2, 4, 8):
-        if decoded == (-(-full_w // scale), -(-full_h // scale)):
-            return 0.0, 0.0, full_w / scale, full_h / scale
-    return None
+def _upright_box(box: tuple[float, float, float, float], size: tuple[int, int],
+                 orientation: int) -> tuple[float, float, float, float]:
+    """Where ``box`` of a stored image of ``size`` lands once exif_transpose turns the image upright: a turn or a flip
+    moves the padding of a draft-decoded side from the end of the stored image to the start of the upright one."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    return {
+        2: (w - x1, y0, w - x0, y1),  # FLIP_LEFT_RIGHT
+        3: (w - x1, h - y1, w - x0, h - y0),  # ROTATE_180
+        4: (x0, h - y1, x1, h - y0),  # FLIP_TOP_BOTTOM
+        5: (y0, x0, y1, x1),  # TRANSPOSE
+        6: (h - y1, x0, h - y0, x1),  # ROTATE_270
+        7: (h - y1, w - x1, h - y0, w - x0),  # TRANSVERSE
+        8: (y0, w - x1, y1, w - x0),  # ROTATE_90
+    }.get(orientation, box)
 
 
 def _crop_or_pad(img: Image.Image, th: int, tw: int, fill: int) -> np.ndarray:
@@ -600,8 +607,9 @@ def _stretch(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _decode_file(
     path: str | os.PathLike, min_size: tuple[int, int] | None
-) -> tuple[Image.Image, str, str | None, tuple[int, int]]:
-    """(RGB image, Pillow format, taken, displayed full-resolution (width, height)) or MediaError."""
+) -> tuple[Image.Image, str, str | None, tuple[int, int], tuple[float, float, float, float] | None]:
+    """(RGB image, Pillow format, taken, displayed full-resolution (width, height), and the region of the image that
+    holds the full picture when draft decoding scaled it, else None) or MediaError."""
     fmt: str | None = None
     try:
         st = os.stat(path)
@@ -617,20 +625,26 @@ def _decode_file(
             img = _open_unloaded(f, f.read(16))
             fmt = img.format or "image"
             full_w, full_h = img.size
+            box = None  # Pillow's draft says which region of the scaled image holds the full picture
             if min_size is not None and fmt in ("JPEG", "MPO"):
                 mh, mw = min_size
                 if _orientation(img) >= 5:  # draft scales the stored image; these orientations swap the sides
                     mh, mw = mw, mh
-                img.draft("RGB", (math.ceil(DRAFT_FACTOR * mw), math.ceil(DRAFT_FACTOR * mh)))
+                drafted = img.draft("RGB", (math.ceil(DRAFT_FACTOR * mw), math.ceil(DRAFT_FACTOR * mh)))
+                if drafted is not None and img.size != (full_w, full_h):
+                    box = drafted[1]
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise MediaError(f"too large: {w}x{h} pixels")
             img.load()
             taken = _taken(img)
-            if _orientation(img) >= 5:
+            orientation = _orientation(img)
+            if orientation >= 5:
                 full_w, full_h = full_h, full_w
+            if box is not None:
+                box = _upright_box(box, img.size, orientation)
             ImageOps.exif_transpose(img, in_place=True)
-            return to_rgb(img), fmt, taken, (full_w, full_h)
+            return to_rgb(img), fmt, taken, (full_w, full_h), box
     except MediaError:
         raise
     except _DECODE_ERRORS as exc:
@@ -652,9 +666,9 @@ def load(path: str | os.PathLike, spec: PreprocessSpec) -> Decoded:
 
     width/height are the displayed full-resolution size, whatever scale draft decoding used.
     """
-    img, fmt, taken, (width, height) = _decode_file(path, spec.size)
+    img, fmt, taken, (width, height), box = _decode_file(path, spec.size)
     try:
-        pixels = preprocess_pixels(img, spec, full_size=(width, height))
+        pixels = preprocess_pixels(img, spec, full_size=(width, height), box=box)
     except _DECODE_ERRORS as exc:
         raise MediaError(_reason(exc, fmt)) from exc
     return Decoded(width=width, height=height, taken=taken, format=fmt, pixels=pixels)

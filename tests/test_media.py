@@ -559,12 +559,29 @@ def test_draft_geometry_on_a_real_photo_with_an_odd_side():
     assert _psnr(media.load(path, CLIP_SPEC).pixels, full) >= 45
 
 
-def test_draft_extent_is_only_a_dct_scaling():
-    assert media._extent((886, 591), (1772, 1181)) == (0.0, 0.0, 886.0, 590.5)
-    assert media._extent((500, 375), (4000, 3000)) == (0.0, 0.0, 500.0, 375.0)
-    assert media._extent((1772, 1181), (1772, 1181)) is None  # full size
-    assert media._extent((3000, 4000), (4000, 3000)) is None  # not a scaling of it: its own size is the geometry
-    assert media._extent((887, 591), (1772, 1181)) is None
+def test_draft_box_is_the_region_holding_the_full_picture(tmp_path):
+    """The box Pillow's draft returns: 886 x 590.5 for 1772x1181 at 1/2 (its last row half padding), the whole image
+    at an exact scale, none for a full decode or a file that is not drafted."""
+    odd = _save(_noise_photo(1772, 1181), tmp_path / "odd.jpg", quality=90)
+    exact = _save(_noise_photo(4000, 3000), tmp_path / "exact.jpg", quality=90)
+    png = _save(_noise_photo(1772, 1181), tmp_path / "odd.png")
+    assert media._decode_file(odd, CLIP_SPEC.size)[4] == (0, 0, 886.0, 590.5)
+    assert media._decode_file(exact, CLIP_SPEC.size)[4] == (0, 0, 500.0, 375.0)
+    assert media._decode_file(odd, None)[4] is None  # full size
+    assert media._decode_file(png, CLIP_SPEC.size)[4] is None  # not a JPEG: its own size is the geometry
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_draft_geometry_holds_for_every_exif_orientation(tmp_path, orientation):
+    """Turning or flipping a draft-decoded image upright moves the half-padding row or column from the end to the
+    start: the box follows it (taken as at the end, orientations 2-4 and 6-8 came out at 40.7-44.0 dB, edges moved by
+    up to 53 levels)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(_noise_photo(1773, 1181, seed=3), tmp_path / "turned.jpg", quality=95, exif=exif)
+    full = media.preprocess_pixels(media.open_image(path), CLIP_SPEC)
+    drafted = media.load(path, CLIP_SPEC).pixels
+    assert np.abs(drafted.astype(int) - full).max() <= 12 and _psnr(drafted, full) >= 48
 
 
 def test_draft_respects_rotation(tmp_path):
