@@ -195,15 +195,15 @@ class DecodeWorkers:
     interpreter importing `media` (0.17-0.22 s here), which can overlap the model's load instead of delaying the
     first batch. `close` ends them; it is safe to call more than once.
 
-    Beside a model on the CPU the workers lower themselves to the lowest priority (media.yield_cpu_to_the_model) while
-    `yielding`; `lowered` says some were told to; `stop_yielding` replaces them with new ones at the run's own
-    priority, for good."""
+    Beside a model on the CPU the workers lower themselves to the lowest priority (media.yield_cpu_to_the_model);
+    `lowered` says some were told to. `stop_yielding` replaces them with new ones at the run's own priority, for
+    good."""
 
     def __init__(self, count: int | None = None) -> None:
         if count is not None and count < 0:
             raise BadInput("--workers must be 0 or more")
         self.count = default_workers() if count is None else count
-        self.yielding = True
+        self._yielding = True
         self.lowered = False
         self._pool: ProcessPoolExecutor | None = None
         self._retired: list[ProcessPoolExecutor] = []
@@ -224,14 +224,14 @@ class DecodeWorkers:
     def decode(self, paths: list[str], spec: PreprocessSpec, beside_cpu_model: bool) -> Future:
         """Decode ``paths`` in a worker (media.decode_many), which first lowers itself when it runs beside a model on
         the CPU and the workers still yield."""
-        lower = self.yielding and beside_cpu_model
+        lower = self._yielding and beside_cpu_model
         self.lowered = self.lowered or lower
         return self.pool.submit(media.decode_many, paths, spec, lower)
 
     def stop_yielding(self) -> None:
         """Decode at the run's own priority from now on. Lowered workers cannot come back up, so new ones take over,
         and the old ones are ended: what they were decoding, starved, is sent again to the new ones."""
-        self.yielding = self.lowered = False
+        self._yielding = self.lowered = False
         if self._pool is not None:
             workers = list(getattr(self._pool, "_processes", None) or {})  # ProcessPoolExecutor's pids
             self._pool.shutdown(wait=False, cancel_futures=True)

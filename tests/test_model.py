@@ -5,8 +5,8 @@ import contextlib
 import json
 import os
 import subprocess
-import threading
 import sys
+import threading
 
 import numpy as np
 import pytest
