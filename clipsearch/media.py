@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import math
 import os
 import re
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+from . import jpeg_scans
 
 try:  # HEIC/HEIF (and AVIF on old pillow_heif versions); decoding still works for every other format without it
     import pillow_heif
@@ -630,9 +633,11 @@ def _decode_file(
                 mh, mw = min_size
                 if _orientation(img) >= 5:  # draft scales the stored image; these orientations swap the sides
                     mh, mw = mw, mh
-                drafted = img.draft("RGB", (math.ceil(DRAFT_FACTOR * mw), math.ceil(DRAFT_FACTOR * mh)))
+                request = (math.ceil(DRAFT_FACTOR * mw), math.ceil(DRAFT_FACTOR * mh))
+                drafted = img.draft("RGB", request)
                 if drafted is not None and img.size != (full_w, full_h):
                     box = drafted[1]
+                    img = _without_unread_scans(img, f, (full_w, full_h), request)
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise MediaError(f"too large: {w}x{h} pixels")
@@ -649,6 +654,25 @@ def _decode_file(
         raise
     except _DECODE_ERRORS as exc:
         raise MediaError(_reason(exc, fmt)) from exc
+
+
+def _without_unread_scans(img: Image.Image, f: Any, full_size: tuple[int, int],
+                          request: tuple[int, int]) -> Image.Image:
+    """``img`` (a JPEG, drafted to ``request``), or when that is a progressive JPEG drafted to 1/8 scale, the same
+    picture from a copy of the file without the AC scans that scale never reads (see jpeg_scans): bit-identical, and
+    a 12-megapixel one decodes in 15-60 ms instead of 55-130."""
+    eighth = (-(-full_size[0] // 8), -(-full_size[1] // 8))
+    if not img.info.get("progressive") or img.size != eighth:
+        return img
+    f.seek(0)
+    lean = jpeg_scans.dc_only(f.read())
+    if lean is None:
+        return img
+    from PIL import JpegImagePlugin  # noqa: PLC0415
+
+    out = JpegImagePlugin.JpegImageFile(io.BytesIO(lean))
+    out.draft("RGB", request)
+    return out
 
 
 def open_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> Image.Image:
