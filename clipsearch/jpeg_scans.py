@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import struct
 
-_SOI, _EOI, _SOS, _DRI = 0xD8, 0xD9, 0xDA, 0xDD
+_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 _SOF_PROGRESSIVE_HUFFMAN = 0xC2
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (C4 DHT, C8 JPG, CC DAC are not)
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
@@ -40,6 +40,7 @@ def dc_only(data: bytes) -> bytes | None:
     kept = [data[:2]]
     components: list[tuple[int, int, int]] | None = None  # (id, h, v) from the frame header
     size = (0, 0)
+    reads_ac: set[int] = set()
     pos, end = 2, len(data)
     while True:
         if pos + 2 > end or data[pos] != 0xFF:
@@ -63,6 +64,7 @@ def dc_only(data: bytes) -> bytes | None:
             components, size = _frame(data[pos + 4:seg_end])
             if components is None:
                 return None
+            reads_ac = _ac_read(components)
         if marker != _SOS:
             kept.append(data[pos:seg_end])
             pos = seg_end
@@ -76,14 +78,14 @@ def dc_only(data: bytes) -> bytes | None:
         if pos + 5 + 2 * ns >= seg_end:
             return None
         ss = data[pos + 5 + 2 * ns]
-        if ss == 0 or data[pos + 5] in _ac_read(components):  # DC, or AC the 1/8-scale picture reads
+        if ss == 0 or data[pos + 5] in reads_ac:  # DC, or AC the 1/8-scale picture reads
             kept.append(data[pos:found.start()])
         pos = found.start()
     if components is None:
         return None
     kept += [_DHT_EOB, _DRI_NONE]
     kept += [_zero_ac_scan(cid, _blocks(size, h, v, components))
-             for cid, h, v in components if cid not in _ac_read(components)]
+             for cid, h, v in components if cid not in reads_ac]
     kept.append(b"\xff\xd9")
     return b"".join(kept)
 

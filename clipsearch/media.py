@@ -660,7 +660,7 @@ def _without_unread_scans(img: Image.Image, f: Any, full_size: tuple[int, int],
                           request: tuple[int, int]) -> Image.Image:
     """``img`` (a JPEG, drafted to ``request``), or when that is a progressive JPEG drafted to 1/8 scale, the same
     picture from a copy of the file without the AC scans that scale never reads (see jpeg_scans): bit-identical, and
-    a 12-megapixel one decodes in 15-60 ms instead of 55-130."""
+    the shared photos' four progressive ones of 12-24 MP decode in 17-63 ms instead of 55-132."""
     eighth = (-(-full_size[0] // 8), -(-full_size[1] // 8))
     if not img.info.get("progressive") or img.size != eighth:
         return img
