@@ -61,9 +61,10 @@ def dc_only(data: bytes) -> bytes | None:
         if marker in _SOF:
             if marker != _SOF_PROGRESSIVE_HUFFMAN or components is not None:
                 return None
-            components, size = _frame(data[pos + 4:seg_end])
-            if components is None:
+            frame = _frame(data[pos + 4:seg_end])
+            if frame is None:
                 return None
+            components, size = frame
             reads_ac = _ac_read(components)
         if marker != _SOS:
             kept.append(data[pos:seg_end])
@@ -90,16 +91,16 @@ def dc_only(data: bytes) -> bytes | None:
     return b"".join(kept)
 
 
-def _frame(header: bytes) -> tuple[list[tuple[int, int, int]] | None, tuple[int, int]]:
+def _frame(header: bytes) -> tuple[list[tuple[int, int, int]], tuple[int, int]] | None:
     """Components (id, h, v) and (width, height) of a frame header's body, or None when it does not add up."""
     if len(header) < 6:
-        return None, (0, 0)
+        return None
     height, width, count = struct.unpack_from(">HHB", header, 1)
     if len(header) != 6 + 3 * count or not count or not width or not height:
-        return None, (0, 0)
+        return None
     comps = [(header[6 + 3 * i], header[7 + 3 * i] >> 4, header[7 + 3 * i] & 15) for i in range(count)]
     if any(not 1 <= h <= 4 or not 1 <= v <= 4 for _, h, v in comps):
-        return None, (0, 0)
+        return None
     return comps, (width, height)
 
 
