@@ -571,6 +571,22 @@ def test_draft_box_is_the_region_holding_the_full_picture(tmp_path):
     assert media._decode_file(png, CLIP_SPEC.size)[4] is None  # not a JPEG: its own size is the geometry
 
 
+def test_a_drafted_image_is_resized_over_the_kept_region_only(tmp_path, monkeypatch):
+    """A draft-decoded image is not bit-identical to torchvision's anyway, so only the centre crop is resampled (no
+    298-wide intermediate for a 4:3 photo), and the result stays within a few levels of resizing it all."""
+    path = _save(_noise_photo(4000, 3000, seed=5), tmp_path / "wide.jpg", quality=90)
+    img, _fmt, _taken, full, box = media._decode_file(path, CLIP_SPEC.size)
+    assert box is not None  # drafted
+    sizes: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size,
+                                                                                                       *a, **k))
+    cropped = media.preprocess_pixels(img, CLIP_SPEC, full_size=full, box=box)
+    assert sizes == [(224, 224)]
+    whole = np.asarray(resize(img, (298, 224), Image.Resampling.BICUBIC, box=box).crop((37, 0, 261, 224)))
+    assert np.abs(cropped.astype(int) - whole).max() <= 4
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_draft_geometry_holds_for_every_exif_orientation(tmp_path, orientation):
     """Turning or flipping a draft-decoded image upright moves the half-padding row or column from the end to the
