@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -610,11 +610,20 @@ def _stretch(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.round((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _decode_file(
-    path: str | os.PathLike, min_size: tuple[int, int] | None
-) -> tuple[Image.Image, str, str | None, tuple[int, int], tuple[float, float, float, float] | None]:
-    """(RGB image, Pillow format, taken, displayed full-resolution (width, height), and the region of the image that
-    holds the full picture when draft decoding scaled it, else None) or MediaError."""
+class _Opened(NamedTuple):
+    """A decoded file before preprocessing: the upright RGB image, Pillow's format name, the capture time, the
+    displayed full-resolution (width, height) whatever scale it was decoded at, and the region of the image that holds
+    the full picture when draft decoding scaled it (see preprocess_pixels), else None."""
+
+    image: Image.Image
+    format: str
+    taken: str | None
+    full_size: tuple[int, int]
+    box: tuple[float, float, float, float] | None
+
+
+def _decode_file(path: str | os.PathLike, min_size: tuple[int, int] | None) -> _Opened:
+    """The file decoded (at a reduced scale for a JPEG when ``min_size`` allows it), or MediaError."""
     fmt: str | None = None
     try:
         st = os.stat(path)
@@ -651,7 +660,7 @@ def _decode_file(
             if box is not None:
                 box = _upright_box(box, img.size, orientation)
             ImageOps.exif_transpose(img, in_place=True)
-            return to_rgb(img), fmt, taken, (full_w, full_h), box
+            return _Opened(to_rgb(img), fmt, taken, (full_w, full_h), box)
     except MediaError:
         raise
     except _DECODE_ERRORS as exc:
@@ -684,7 +693,7 @@ def open_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
     smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= DRAFT_FACTOR x min_size, which is several times faster
     and can bring a huge JPEG under MAX_PIXELS. Anything that cannot be decoded raises MediaError.
     """
-    return _decode_file(path, min_size)[0]
+    return _decode_file(path, min_size).image
 
 
 def load(path: str | os.PathLike, spec: PreprocessSpec) -> Decoded:
@@ -692,12 +701,13 @@ def load(path: str | os.PathLike, spec: PreprocessSpec) -> Decoded:
 
     width/height are the displayed full-resolution size, whatever scale draft decoding used.
     """
-    img, fmt, taken, (width, height), box = _decode_file(path, spec.size)
+    opened = _decode_file(path, spec.size)
     try:
-        pixels = preprocess_pixels(img, spec, full_size=(width, height), box=box)
+        pixels = preprocess_pixels(opened.image, spec, full_size=opened.full_size, box=opened.box)
     except _DECODE_ERRORS as exc:
-        raise MediaError(_reason(exc, fmt)) from exc
-    return Decoded(width=width, height=height, taken=taken, format=fmt, pixels=pixels)
+        raise MediaError(_reason(exc, opened.format)) from exc
+    width, height = opened.full_size
+    return Decoded(width=width, height=height, taken=opened.taken, format=opened.format, pixels=pixels)
 
 
 def decode(path: str, spec: PreprocessSpec) -> tuple[str, Decoded | None, str | None]:

@@ -565,26 +565,26 @@ def test_draft_box_is_the_region_holding_the_full_picture(tmp_path):
     odd = _save(_noise_photo(1772, 1181), tmp_path / "odd.jpg", quality=90)
     exact = _save(_noise_photo(4000, 3000), tmp_path / "exact.jpg", quality=90)
     png = _save(_noise_photo(1772, 1181), tmp_path / "odd.png")
-    assert media._decode_file(odd, CLIP_SPEC.size)[4] == (0, 0, 886.0, 590.5)
-    assert media._decode_file(exact, CLIP_SPEC.size)[4] == (0, 0, 500.0, 375.0)
-    assert media._decode_file(odd, None)[4] is None  # full size
-    assert media._decode_file(png, CLIP_SPEC.size)[4] is None  # not a JPEG: its own size is the geometry
+    assert media._decode_file(odd, CLIP_SPEC.size).box == (0, 0, 886.0, 590.5)
+    assert media._decode_file(exact, CLIP_SPEC.size).box == (0, 0, 500.0, 375.0)
+    assert media._decode_file(odd, None).box is None  # full size
+    assert media._decode_file(png, CLIP_SPEC.size).box is None  # not a JPEG: its own size is the geometry
 
 
 def test_a_drafted_image_is_resized_over_the_kept_region_only(tmp_path, monkeypatch):
     """A draft-decoded image is not bit-identical to torchvision's anyway, so only the centre crop is resampled (no
     298-wide intermediate for a 4:3 photo), and the result stays within a few levels of resizing it all."""
     path = _save(_noise_photo(4000, 3000, seed=5), tmp_path / "wide.jpg", quality=90)
-    img, _fmt, _taken, full, box = media._decode_file(path, CLIP_SPEC.size)
-    assert box is not None  # drafted
+    opened = media._decode_file(path, CLIP_SPEC.size)
+    assert opened.box is not None  # drafted
     sizes: list[tuple[int, int]] = []
     resize = Image.Image.resize
     monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size,
                                                                                                        *a, **k))
-    cropped = media.preprocess_pixels(img, CLIP_SPEC, full_size=full, box=box)
+    cropped = media.preprocess_pixels(opened.image, CLIP_SPEC, full_size=opened.full_size, box=opened.box)
     assert sizes == [(224, 224)]
-    whole = np.asarray(resize(img, (298, 224), Image.Resampling.BICUBIC, box=box).crop((37, 0, 261, 224)))
-    assert np.abs(cropped.astype(int) - whole).max() <= 4
+    whole = resize(opened.image, (298, 224), Image.Resampling.BICUBIC, box=opened.box).crop((37, 0, 261, 224))
+    assert np.abs(cropped.astype(int) - np.asarray(whole)).max() <= 4
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
