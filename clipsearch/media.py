@@ -623,7 +623,7 @@ class _Opened(NamedTuple):
 
 
 def _decode_file(path: str | os.PathLike, min_size: tuple[int, int] | None) -> _Opened:
-    """The file decoded (at a reduced scale for a JPEG when ``min_size`` allows it), or MediaError."""
+    """The file decoded, a JPEG at a reduced scale when ``min_size`` allows it; raises MediaError."""
     fmt: str | None = None
     try:
         st = os.stat(path)

@@ -579,8 +579,12 @@ def test_a_drafted_image_is_resized_over_the_kept_region_only(tmp_path, monkeypa
     assert opened.box is not None  # drafted
     sizes: list[tuple[int, int]] = []
     resize = Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size,
-                                                                                                       *a, **k))
+
+    def spy(self: Image.Image, size: tuple[int, int], *args, **kwargs) -> Image.Image:
+        sizes.append(size)
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
     cropped = media.preprocess_pixels(opened.image, CLIP_SPEC, full_size=opened.full_size, box=opened.box)
     assert sizes == [(224, 224)]
     whole = resize(opened.image, (298, 224), Image.Resampling.BICUBIC, box=opened.box).crop((37, 0, 261, 224))
