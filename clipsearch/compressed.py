@@ -7,7 +7,10 @@ its rows with numpy and never pays FAISS's import (70-200 ms on this machine).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,6 +30,8 @@ _EXACT_SCAN_RATIO = 1 / 32     # a filter of at most N/32 ids (plus the candidat
 #                                re-scoring one id costs about as much as scanning 32 codes (bench/million.py --filtered)
 _BYTE_CHUNK = 4_096            # rows encoded per step into the 8-bit copy (three float32 temporaries of this many)
 _CODE_CHUNK = 65_536           # rows of a mapped re-ranking copy copied per step when a change needs its own
+_HUGE_PAGE = 2 << 20           # x86-64's transparent huge page
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux's madvise advice values (MADV_COLLAPSE since 6.1)
 _T = TypeVar("_T")
 _REFINE_TYPES = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 
@@ -90,6 +95,7 @@ class ByteCopy:
                 for j, part in enumerate((residual, scaled, chunk)):
                     worst[j] = max(worst[j], float(np.einsum("ij,ij->i", part, part).max(initial=0)))
                 index.add(codes)
+            on_huge_pages(int(index.codes.data()), index.ntotal * index.code_size)
             return index, *worst
 
         built = _side_by_side(encode, bounds)
@@ -176,6 +182,7 @@ class PQRefine:
         self.dim = dim
         self.plan = plan
         self.shards = shards
+        self._searches = 0
 
     @classmethod
     def trained(cls, dim: int, plan: Plan, sample: np.ndarray) -> "PQRefine":
@@ -242,7 +249,16 @@ class PQRefine:
         wanted = self.plan.candidates * math.sqrt(population) * math.sqrt(max(k, 10) / 10)
         return int(min(population, max(k, _MIN_CANDIDATES, math.ceil(wanted))))
 
+    def warm(self) -> None:
+        """Put the codes the scans read on huge pages (see on_huge_pages; at 1M, 128 MB in about 0.1 s, once per
+        buffer): done by the second search, so a one-query process never pays for it."""
+        for shard in self.shards:
+            shard.warm()
+
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        self._searches += 1
+        if self._searches >= 2:
+            self.warm()
         rows = [None if allowed is None else shard.rows(allowed) for shard in self.shards]
         sizes = [shard.ntotal if part is None else len(part) for shard, part in zip(self.shards, rows)]
         population = sum(sizes)
@@ -289,9 +305,18 @@ class _Shard:
         self.alive = np.ones(len(row_ids), dtype=bool)
         self.ntotal = len(row_ids)
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (ids sorted, their rows), built on demand
+        self._huge: tuple[int, int] | None = None  # the codes buffer (address, bytes) last put on huge pages
 
     def ids(self) -> np.ndarray:
         return self.row_ids[self.alive]
+
+    def warm(self) -> None:
+        """The scan's codes on huge pages, again whenever adding vectors has moved them."""
+        lists = faiss.downcast_InvertedLists(self.scan.invlists)
+        span = (int(lists.get_codes(0)), -(-lists.list_size(0) // lists.n_per_block) * lists.block_size)
+        if span != self._huge:
+            on_huge_pages(*span)
+            self._huge = span
 
     def _own_store(self) -> None:
         """Copy a mapped re-ranking copy into memory, in chunks (no serialized buffer of all of it on the way). The
@@ -465,6 +490,33 @@ def _pool() -> ThreadPoolExecutor:
         _POOL = ThreadPoolExecutor(max_workers=max(1, usable_cores() - 1), thread_name_prefix="clipsearch-faiss",
                                    initializer=faiss.omp_set_num_threads, initargs=(1,))
     return _POOL
+
+
+def on_huge_pages(address: int, size: int) -> bool:
+    """Move the 2 MB pages that lie wholly inside a buffer that searches scan onto huge pages, now; its contents stay
+    as they are. A scan touches each 4 KB page once and misses the TLB on each, dearer in a virtual machine, where a
+    miss walks two page tables: on the Zen 4, one thread scanned 500,000 4-bit codes (64 MB) in 2.62 ms against 3.25
+    (p50, faster in 97% of interleaved queries), and the 8-bit copy of 100,000 rows in 1.68 against 1.88 ms (93%).
+    Moving costs 0.3-1 ms per MB. False where it cannot be done (not Linux, Linux before 6.1, no huge pages)."""
+    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
+    madvise = _madvise()
+    if madvise is None or end <= start:
+        return False
+    return madvise(start, end - start, _MADV_HUGEPAGE) == 0 and madvise(start, end - start, _MADV_COLLAPSE) == 0
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 def _part_bounds(n: int, parts: int) -> list[tuple[int, int]]:

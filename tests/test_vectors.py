@@ -675,3 +675,85 @@ def test_warm_builds_the_8bit_copy_that_the_first_search_then_uses(byte_copies, 
     small = VectorIndex.build(16, np.arange(1, 11), vecs[:10], generation=1)
     small.warm()  # below the size where the copy pays: nothing built
     assert small.engine._copy is None
+
+
+# huge pages ---------------------------------------------------------------------------------------------------------
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping that holds the first 2 MB boundary from `address` on (/proc/self/smaps): asking
+    for huge pages splits a mapping there."""
+    address = -(-address // (2 << 20)) * (2 << 20)
+    inside = False
+    for line in open("/proc/self/smaps").read().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+            start, end = (int(bound, 16) for bound in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _spy_on_huge_pages(monkeypatch) -> list[tuple[int, int, bool]]:
+    from clipsearch import compressed
+
+    calls: list[tuple[int, int, bool]] = []
+    real = compressed.on_huge_pages
+
+    def spy(address: int, size: int) -> bool:
+        moved = real(address, size)
+        calls.append((address, size, moved))
+        return moved
+
+    monkeypatch.setattr(compressed, "on_huge_pages", spy)
+    return calls
+
+
+def test_on_huge_pages_moves_a_buffer_and_keeps_its_contents():
+    import ctypes
+    import mmap
+
+    from clipsearch.compressed import on_huge_pages
+
+    buffer = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # like the heap FAISS allocates
+    data = np.frombuffer(buffer, np.uint8)
+    data[:] = np.arange(len(data)) % 251
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    if not on_huge_pages(address, len(buffer)):
+        pytest.skip("this system cannot move memory onto huge pages (it takes Linux 6.1+ with THP)")
+    assert _huge_bytes_at(address) >= 2 << 20
+    assert np.array_equal(data, np.arange(len(data)) % 251)
+    assert not on_huge_pages(address + 4096, 4096)  # no whole 2 MB page inside: nothing to do
+
+
+def test_a_compressed_index_puts_its_codes_on_huge_pages_from_its_second_search(monkeypatch):
+    """A one-query process (the CLI) pays nothing; from the second search on, each shard's 4-bit codes are on huge
+    pages (once per buffer, again after adding vectors moved it), and the answers do not change."""
+    import faiss
+
+    index, ids, vecs = pq_index(n=64_000, dim=512)
+    calls = _spy_on_huge_pages(monkeypatch)
+    query = unit(1, 512, seed=9)[0]
+    first = index.search(query, 10)
+    assert calls == []
+    assert index.search(query, 10).ids.tolist() == first.ids.tolist()
+    assert index.search(query, 10).ids.tolist() == first.ids.tolist()
+    shards = index.engine.shards
+    assert len(calls) == len(shards) == 2  # the third search moved nothing again
+    for shard, (address, size, moved) in zip(shards, calls):
+        assert address == int(faiss.downcast_InvertedLists(shard.scan.invlists).get_codes(0))
+        assert shard.ntotal * 128 <= size < shard.ntotal * 128 + 4096  # whole blocks of 32 codes
+        if moved:
+            assert _huge_bytes_at(address) >= 2 << 20
+    index.add(np.arange(10**6, 10**6 + 64_000, dtype=np.int64), unit(64_000, 512, seed=10))
+    index.search(query, 10)
+    assert len(calls) == 4 and {size for _a, size, _m in calls[2:]} != {size for _a, size, _m in calls[:2]}
+
+
+def test_the_8bit_copy_puts_its_codes_on_huge_pages(monkeypatch):
+    from clipsearch.compressed import ByteCopy
+
+    calls = _spy_on_huge_pages(monkeypatch)
+    copy = ByteCopy.of(unit(40_000, 256), 2)
+    assert copy is not None
+    assert sorted((address, size) for address, size, _m in calls) == sorted(  # parts are encoded in parallel
+        (int(part.codes.data()), part.ntotal * part.code_size) for _start, part in copy.parts)
