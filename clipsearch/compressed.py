@@ -30,7 +30,7 @@ _EXACT_SCAN_RATIO = 1 / 32     # a filter of at most N/32 ids (plus the candidat
 #                                re-scoring one id costs about as much as scanning 32 codes (bench/million.py --filtered)
 _BYTE_CHUNK = 4_096            # rows encoded per step into the 8-bit copy (three float32 temporaries of this many)
 _CODE_CHUNK = 65_536           # rows of a mapped re-ranking copy copied per step when a change needs its own
-_HUGE_PAGE = 2 << 20           # x86-64's transparent huge page
+_HUGE_PAGE = 2 << 20           # a transparent huge page over 4 KB base pages (x86-64, most arm64)
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # Linux's madvise advice values (MADV_COLLAPSE since 6.1)
 _T = TypeVar("_T")
 _REFINE_TYPES = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
@@ -313,6 +313,8 @@ class _Shard:
     def warm(self) -> None:
         """The scan's codes on huge pages, again whenever adding vectors has moved them."""
         lists = faiss.downcast_InvertedLists(self.scan.invlists)
+        if not isinstance(lists, faiss.BlockInvertedLists):  # not where fast-scan keeps its codes: leave them be
+            return
         span = (int(lists.get_codes(0)), -(-lists.list_size(0) // lists.n_per_block) * lists.block_size)
         if span != self._huge:
             on_huge_pages(*span)
@@ -511,7 +513,7 @@ def _madvise() -> Callable[[int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise = ctypes.CDLL(None).madvise
     except (OSError, AttributeError):
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
