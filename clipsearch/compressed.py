@@ -182,7 +182,6 @@ class PQRefine:
         self.dim = dim
         self.plan = plan
         self.shards = shards
-        self._searches = 0
 
     @classmethod
     def trained(cls, dim: int, plan: Plan, sample: np.ndarray) -> "PQRefine":
@@ -251,14 +250,11 @@ class PQRefine:
 
     def warm(self) -> None:
         """Put the codes the scans read on huge pages (see on_huge_pages; at 1M, 128 MB in about 0.1 s, once per
-        buffer): done by the second search, so a one-query process never pays for it."""
+        buffer). VectorIndex calls it from a process's second search on, so a one-query process never pays for it."""
         for shard in self.shards:
             shard.warm()
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        self._searches += 1
-        if self._searches >= 2:
-            self.warm()
         rows = [None if allowed is None else shard.rows(allowed) for shard in self.shards]
         sizes = [shard.ntotal if part is None else len(part) for shard, part in zip(self.shards, rows)]
         population = sum(sizes)

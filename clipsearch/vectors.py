@@ -141,6 +141,7 @@ class VectorIndex:
         self.engine = engine if engine is not None else _Flat(dim)
         self.trained_n = trained_n  # N when the compressed codes were trained (0 for flat)
         self._file: tuple[Path, int] | None = None  # (file, generation) the contents were last read from or written to
+        self._searches = 0
 
     @property
     def plan(self) -> Plan:
@@ -270,6 +271,9 @@ class VectorIndex:
         if allowed is not None:  # sorted, without repeats (np.unique hashes: 15 ms for 50k ids, this 1 ms)
             allowed = np.sort(np.asarray(allowed, dtype=np.int64).ravel())
             allowed = allowed[np.concatenate(([True], allowed[1:] != allowed[:-1]))]
+        self._searches += 1
+        if self._searches >= 2:  # a long-lived process (a one-query CLI never pays for warm(); cheap once done)
+            self.engine.warm()
         scores, ids = self.engine.search(query, k, allowed)
         keep = ids >= 0
         return SearchResult(ids[keep].astype(np.int64), scores[keep].astype(np.float32))
@@ -412,7 +416,6 @@ class _Flat:
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (ids sorted, their rows), built on demand
         self._copy: ByteCopy | None = None  # 8-bit copy of the rows, built on the second search
         self._copy_tried = False  # built, or found impossible (NaN rows, FAISS): not tried again until a change
-        self._searches = 0
 
     @property
     def ntotal(self) -> int:
@@ -492,9 +495,6 @@ class _Flat:
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         mask = None if allowed is None else self._allowed_rows(allowed)
         if self.ntotal >= _COPY_MIN:
-            self._searches += 1
-            if self._searches >= 2:
-                self.warm()
             wanted = 4 * k + _COPY_EXTRA  # candidates per part
             population = self.ntotal if allowed is None else len(allowed)
             if self._copy is not None and wanted <= population // 32:  # else re-scoring costs more than it saves

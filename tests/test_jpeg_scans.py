@@ -112,9 +112,14 @@ def test_real_progressive_photos_load_to_the_same_pixels_with_and_without_the_re
     paths = [p for p in sorted(media.iter_images(shared("photos"))) if Image.open(p).info.get("progressive")]
     spec = media.PreprocessSpec(size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     real = jpeg_scans.dc_only
-    rewritten: list[int] = []
-    monkeypatch.setattr(jpeg_scans, "dc_only", lambda data: (lambda out: rewritten.append(out is not None) or out)(
-        real(data)))
+    rewritten: list[bool] = []
+
+    def spy(data: bytes) -> bytes | None:
+        out = real(data)
+        rewritten.append(out is not None)
+        return out
+
+    monkeypatch.setattr(jpeg_scans, "dc_only", spy)
     lean = [media.load(p, spec).pixels for p in paths]
     monkeypatch.setattr(jpeg_scans, "dc_only", lambda data: None)
     whole = [media.load(p, spec).pixels for p in paths]
