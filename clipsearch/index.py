@@ -173,17 +173,21 @@ class Index:
 
     def _indexing_model(self, progress: ProgressCallback | None,
                         before_loading: Callable[[], None] = lambda: None) -> DeferredModel:
-        """The model for an indexing run: loaded now for a new index (its dimension and preprocessing come from it)
-        or to record a checkpoint's new location, `before_loading` called first (the decode workers start meanwhile);
-        otherwise deferred until some file needs pixels, with the preprocessing recorded in the index's model
-        identity."""
+        """The model for an indexing run. An index with a model recorded defers it until some file needs pixels, and
+        decodes meanwhile with the preprocessing its model identity records. A new index does the same with the
+        preprocessing the model's config implies (checked once it has loaded), and starts the decode workers at once
+        (`before_loading`): it will need them. A model loaded already, one
+        whose config cannot be read here, or a checkpoint's new location to record, is loaded now."""
         from .indexer import DeferredModel
-        from .model import identity_preprocess
+        from .model import config_preprocess, identity_preprocess
 
         recorded = identity_preprocess(self.store.get_meta("identity") or "")  # None: no model recorded yet
-        relocated = self._requested[1] is not None and \
+        new = recorded is None and self.store.dim is None
+        relocated = not new and self._requested[1] is not None and \
             self.model_spec.resolved().pretrained != self.store.get_meta("pretrained")
-        if self._model is not None or recorded is None or self.store.dim is None or relocated:
+        implied = config_preprocess(self.model_spec) if new and self._model is None else None
+        known = implied is not None or (recorded is not None and self.store.dim is not None)
+        if self._model is not None or not known or relocated:
             if self._model is None:
                 before_loading()
             self._prepare_model(progress)
@@ -195,7 +199,16 @@ class Index:
                 self._announce_model(progress, spec)
             return lambda: self._construct_model(spec)
 
-        return DeferredModel(recorded, self.store.dim, begin, self._adopt_model)
+        if implied is None:
+            return DeferredModel(recorded, self.store.dim, begin, self._adopt_model)
+
+        def adopt_and_record(loaded: ClipModel) -> ClipModel:
+            self._adopt_model(loaded)
+            self._record_model()
+            return loaded
+
+        before_loading()
+        return DeferredModel(*implied, begin, adopt_and_record)
 
     # text encoder -------------------------------------------------------------------------------------------------
     @property
@@ -425,9 +438,13 @@ class Index:
             model = self._indexing_model(progress, before_loading=decoders.start)
             interrupted = False
             try:
-                vectors = self.vectors()
-                report = Indexer(self.store, vectors, model, batch_size=batch_size, workers=decoders,
-                                 progress=progress).run(roots)
+                new = self.store.dim is None  # its model is loading: the dimension its config gives
+                indexer = Indexer(self.store, VectorIndex(model.dim) if new else self.vectors(), model,
+                                  batch_size=batch_size, workers=decoders, progress=progress)
+                report = indexer.run(roots)
+                vectors = self._vectors = indexer.vectors  # another one when the loaded model had another dimension
+                if new:
+                    model.get()  # recorded even when no file could be embedded
             except KeyboardInterrupt:
                 interrupted = True  # a person waits: leave a load in flight to its daemon thread (it writes nothing)
                 raise

@@ -35,6 +35,10 @@ STARVED_POLL = 0.1
 FIRST_BATCH = 8
 """The first batch is this small, so the model starts after 8 decodes instead of a whole batch's (ViT-B-32 on 2 cores
 embeds as many images/s at batch 8 as at 32); the rest use the batch size."""
+READ_AHEAD_WHILE_LOADING = 48 << 20
+"""Bytes of decoded pixels the workers may hold ready while the model loads (ViT-B-32: 80 chunks, 320 images). On 2
+cores the load keeps one core busy for 2-3 s; the other decodes meanwhile, and the usual window (72 images) filled
+within the first second."""
 UNSTORABLE = "path is not valid UTF-8: rename the file or its folder to index it"
 RETRIED = ("permission denied", "file not found", "out of memory")
 """Error reasons (media's) that say nothing about the file's content: such a file is tried again on every run, since
@@ -105,6 +109,10 @@ class _Batch:
     vectors: Callable[[], np.ndarray] | None  # waits for them
 
 
+class _DecodedForAnotherModel(Exception):
+    """The pixels decoded so far do not suit the model that loaded meanwhile (see Indexer._embed)."""
+
+
 @dataclass
 class _Plan:
     work: list[_Work] = field(default_factory=list)
@@ -124,12 +132,16 @@ class DeferredModel:
     come from the index, so decoding need not wait. `begin` runs in the caller's thread when loading starts (checks,
     progress) and returns the loader, which runs in the thread and must not touch the store; `adopt` gets the loaded
     model back in the caller's thread (identity checks, records) and returns it. The thread is a daemon: an interrupted
-    run does not wait for the load (Ctrl-C used to stop it mid-import at once, and still should)."""
+    run does not wait for the load (Ctrl-C used to stop it mid-import at once, and still should).
+
+    A new index has no preprocessing recorded yet: it starts from what the model's config implies
+    (model.config_preprocess), and `preprocess` and `dim` are the loaded model's once it is adopted; the indexer
+    decodes again if they differ."""
 
     def __init__(self, preprocess: PreprocessSpec, dim: int, begin: Callable[[], Callable[[], ClipModel]],
                  adopt: Callable[[ClipModel], ClipModel]) -> None:
-        self.preprocess = preprocess
-        self.dim = dim
+        self._preprocess = preprocess
+        self._dim = dim
         self._begin = begin
         self._adopt = adopt
         self._thread: threading.Thread | None = None
@@ -146,8 +158,21 @@ class DeferredModel:
         return deferred
 
     @property
+    def preprocess(self) -> PreprocessSpec:
+        return self._model.preprocess if self._model is not None else self._preprocess
+
+    @property
+    def dim(self) -> int:
+        return self._model.dim if self._model is not None else self._dim
+
+    @property
+    def loading(self) -> bool:
+        """Whether the load runs in the background now (decoding may then read further ahead: see Indexer._decoded)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def on_cpu(self) -> bool:
-        """Whether the model is loaded and runs on the CPU (False while it loads: decoding then has the cores)."""
+        """Whether the model is loaded and runs on the CPU (False while it loads)."""
         model = self._model or self._loaded
         return model is not None and model.on_cpu
 
@@ -195,9 +220,9 @@ class DecodeWorkers:
     interpreter importing `media` (0.17-0.22 s here), which can overlap the model's load instead of delaying the
     first batch. `close` ends them; it is safe to call more than once.
 
-    Beside a model on the CPU the workers lower themselves to the lowest priority (media.yield_cpu_to_the_model);
-    `lowered` says some were told to. `stop_yielding` replaces them with new ones at the run's own priority, for
-    good."""
+    Beside a model on the CPU, and beside a model's load, the workers lower themselves to the lowest priority
+    (media.yield_cpu_to_the_model); `lowered` says some were told to. `stop_yielding` replaces them with new ones at
+    the run's own priority, for good: when they starve, or once a model that loaded beside them runs on a GPU."""
 
     def __init__(self, count: int | None = None) -> None:
         if count is not None and count < 0:
@@ -221,10 +246,10 @@ class DecodeWorkers:
         assert self._pool is not None, "no decode workers (count 0)"
         return self._pool
 
-    def decode(self, paths: list[str], spec: PreprocessSpec, beside_cpu_model: bool) -> Future:
+    def decode(self, paths: list[str], spec: PreprocessSpec, beside_the_model: bool) -> Future:
         """Decode ``paths`` in a worker (media.decode_many), which first lowers itself when it runs beside a model on
-        the CPU and the workers still yield."""
-        lower = self._yielding and beside_cpu_model
+        the CPU or beside a model's load, and the workers still yield."""
+        lower = self._yielding and beside_the_model
         self.lowered = self.lowered or lower
         return self.pool.submit(media.decode_many, paths, spec, lower)
 
@@ -379,18 +404,21 @@ class Indexer:
             return
         chunks = [work[i:i + CHUNK] for i in range(0, len(work), CHUNK)]
         window = max(2, (2 * self.batch_size) // CHUNK + self.decoders.count)
+        window_while_loading = max(window, READ_AHEAD_WHILE_LOADING // (CHUNK * 3 * spec.size[0] * spec.size[1]))
         pending: deque[tuple[list[_Work], Future]] = deque()
         next_chunk = 0
 
         def send(chunk: list[_Work]) -> Future:
-            return self.decoders.decode([w.path for w in chunk], spec, self.model.on_cpu)
+            return self.decoders.decode([w.path for w in chunk], spec, self.model.on_cpu or self.model.loading)
 
         try:
             while pending or next_chunk < len(chunks):
-                while next_chunk < len(chunks) and len(pending) < window:
+                while next_chunk < len(chunks) and \
+                        len(pending) < (window_while_loading if self.model.loading else window):
                     pending.append((chunks[next_chunk], send(chunks[next_chunk])))
                     next_chunk += 1
-                if self.decoders.lowered and self._starved(pending[0][1]):
+                beside_gpu = not self.model.loading and not self.model.on_cpu  # lowered only for the load
+                if self.decoders.lowered and (beside_gpu or self._starved(pending[0][1])):
                     self.decoders.stop_yielding()  # cancels what the old workers had not started: send it again
                     pending = deque((chunk, send(chunk)) for chunk, _future in pending)
                 chunk, future = pending.popleft()
@@ -401,7 +429,17 @@ class Indexer:
                 future.cancel()
 
     def _embed_all(self, plan: _Plan) -> None:
-        spec = self.model.preprocess
+        try:
+            self._embed(plan, self.model.preprocess)
+        except _DecodedForAnotherModel:  # nothing was committed: the first batch waits for the model
+            if self.vectors.dim != self.model.dim:
+                self.vectors = VectorIndex(self.model.dim)
+            self._embed(plan, self.model.preprocess)
+
+    def _embed(self, plan: _Plan, spec: PreprocessSpec) -> None:
+        """Decode with ``spec`` and embed. Decoding may begin before the model has loaded, with the preprocessing the
+        index records or (a new index) the one its config implies; the first batch raises _DecodedForAnotherModel
+        when the loaded model wants other pixels or another dimension."""
         total = len(plan.work)
         batch: list[tuple[_Work, Decoded]] = []
         failed = [(item, UNSTORABLE) for item in plan.work if item.path in plan.unstorable]
@@ -419,10 +457,10 @@ class Indexer:
             if len(batch) >= size:
                 while len(running) >= 2:  # one batch running, one queued behind it: commit the oldest first
                     self._commit(running.popleft(), plan, total)
-                running.append(self._submit(batch, failed))
+                running.append(self._submit(batch, failed, spec))
                 batch, failed, size = [], [], self.batch_size
         if batch or failed:
-            running.append(self._submit(batch, failed))
+            running.append(self._submit(batch, failed, spec))
         while running:
             self._commit(running.popleft(), plan, total)
 
@@ -446,11 +484,15 @@ class Indexer:
             self._encode_streams = EncodeStreams(self.model.get())
         return self._encode_streams
 
-    def _submit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]]) -> _Batch:
+    def _submit(self, batch: list[tuple[_Work, Decoded]], failed: list[tuple[_Work, str]],
+                spec: PreprocessSpec) -> _Batch:
         vectors = None
         if batch:
+            streams = self._streams()
+            if self.model.preprocess != spec or self.model.dim != self.vectors.dim:
+                raise _DecodedForAnotherModel
             pixels = np.stack([decoded.pixels for _item, decoded in batch])
-            vectors = self._streams().submit(media.to_model_input(pixels, self.model.preprocess))
+            vectors = streams.submit(media.to_model_input(pixels, spec))
         return _Batch(batch, failed, vectors)
 
     def _commit(self, done: _Batch, plan: _Plan, total: int) -> None:

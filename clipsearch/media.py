@@ -736,8 +736,9 @@ def yield_cpu_to_the_model() -> None:
     streams: on an otherwise idle machine indexing ran 3-5% faster (29.0 against 27.65 images/s, medians of 6
     interleaved rounds). But such a worker weighs 1/68 of a normal process: while other programs keep the cores busy it
     gets almost nothing, and the model waits. The indexer watches for that (indexer.STARVED_AFTER) and replaces lowered
-    workers with new ones at its own priority: an unprivileged process cannot raise its priority again. Beside a GPU
-    model decoding is the bottleneck, so workers are never lowered there."""
+    workers with new ones at its own priority: an unprivileged process cannot raise its priority again. Workers also
+    yield to the model's load (one core for 2-3 s), whatever its device; beside a GPU model decoding is the
+    bottleneck, so once it runs there they are replaced too."""
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) < YIELDING_NICENESS:
             os.setpriority(os.PRIO_PROCESS, 0, YIELDING_NICENESS)

@@ -10,6 +10,7 @@ every precision are interchangeable (cosine >= 0.999 to float32), so the model i
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -80,6 +81,34 @@ def register_project_configs() -> None:
 
     if PROJECT_CONFIGS not in getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", []):
         open_clip.add_model_config(PROJECT_CONFIGS)
+
+
+def config_preprocess(spec: ModelSpec) -> tuple[PreprocessSpec, int] | None:
+    """The preprocessing and dimension a model's open_clip config implies, read without importing torch or open_clip
+    (2-3 s), so that a new index can decode images while its model loads. Only a guess: a pretrained tag may bring its
+    own mean, std or resize mode, so what the loaded model says wins (the indexer decodes again if they differ).
+
+    None when it cannot tell: a hf-hub: or local-dir: model, a name without a config here, or a checkpoint file that
+    does not exist (loading would fail; the caller should say so before decoding anything)."""
+    if spec.name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    checkpoint = Path(spec.pretrained).expanduser()
+    if (checkpoint.suffix.lower() in _CHECKPOINT_SUFFIXES or os.sep in spec.pretrained) and not checkpoint.is_file():
+        return None
+    found = importlib.util.find_spec("open_clip")  # finds the package without running it
+    folders = [PROJECT_CONFIGS]  # registered after open_clip's own, so ours win a name they share (as in open_clip)
+    if found is not None and found.submodule_search_locations:
+        folders.append(Path(list(found.submodule_search_locations)[0]) / "model_configs")
+    for folder in folders:
+        try:
+            config = json.loads((folder / f"{spec.name.replace('/', '-')}.json").read_text(encoding="utf-8"))
+            dim, vision = config["embed_dim"], config["vision_cfg"]
+            return PreprocessSpec.from_open_clip({"size": vision.get("image_size", 224)}), int(dim)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    return None
 
 
 def pretrained_id(spec: ModelSpec) -> str:

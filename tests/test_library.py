@@ -253,3 +253,118 @@ def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_c
     with clipsearch.open(tmp_path / "idx-few", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
         assert idx.index([few], workers=2, progress=look).embedded == 3
     assert children["model"] == 2 and children["done"] == 0
+
+
+def _slow_load_until(monkeypatch, ready) -> dict:
+    """Make the model's load wait (at most 20 s) until ``ready()``; what the decode calls were sent with meanwhile is
+    noted: ``sent`` the files, ``beside`` whether each worker was to lower itself, ``ready`` whether the wait ended."""
+    import time
+
+    from clipsearch import indexer
+    from clipsearch.index import Index
+
+    noted: dict = {"sent": 0, "beside": [], "ready": None}
+    decode, construct = indexer.DecodeWorkers.decode, Index._construct_model
+
+    def spy_decode(self, paths, spec, beside_the_model):
+        noted["sent"] += len(paths)
+        noted["beside"].append(beside_the_model)
+        return decode(self, paths, spec, beside_the_model)
+
+    def slow_construct(self, spec):
+        deadline = time.monotonic() + 20
+        while not ready(noted) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        noted["ready"] = ready(noted)
+        return construct(self, spec)
+
+    monkeypatch.setattr(indexer.DecodeWorkers, "decode", spy_decode)
+    monkeypatch.setattr(Index, "_construct_model", slow_construct)
+    return noted
+
+
+def _assert_model_vectors(idx, photos: Path) -> None:
+    """Every stored vector is what the index's model gives the file alone, and FAISS holds each of them."""
+    from clipsearch import media
+
+    model = idx.model
+    rows = {Path(row["path"]).name: (row["id"], idx.store.vector(row["id"])) for row in idx.store.db["images"].rows}
+    assert len(rows) == len(list(photos.iterdir())) == idx.vectors().ntotal
+    for name, (row_id, stored) in rows.items():
+        _path, decoded, _error = media.decode(str(photos / name), model.preprocess)
+        alone = model.encode_images(media.to_model_input(decoded.pixels[None], model.preprocess))[0]
+        np.testing.assert_allclose(stored, alone, atol=2e-3)
+        found = idx.vectors().search(stored, 1, allowed=np.array([row_id]))
+        assert found.ids[0] == row_id and found.scores[0] > 0.999
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
+def test_a_new_index_decodes_every_file_it_can_hold_while_its_model_loads(tmp_path, tiny_checkpoint, monkeypatch):
+    """A new index decodes with the preprocessing its model's config implies while the model loads, past the usual
+    read-ahead (here 4 chunks of 4: batch 4, 2 workers), so the load (one core, 2-3 s for ViT-B-32) and decoding
+    overlap; those workers yield to the load. The model, once loaded, is recorded as before."""
+    photos, _seen, _look = _photos_with_priorities(tmp_path)
+    total = len(list(photos.iterdir()))
+    assert total > 4 * 4
+    noted = _slow_load_until(monkeypatch, lambda noted: noted["sent"] >= total)
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        report = idx.index([photos], workers=2, batch_size=4)
+        assert noted["ready"], f"only {noted['sent']} of {total} files were sent to decode while the model loaded"
+        assert noted["beside"][:total // 4] == [True] * (total // 4)  # every chunk sent during the load yields
+        assert report.embedded == total and report.errors == 0
+        info = idx.info()
+        assert info["model"] == TINY_MODEL and info["dim"] == idx.model.dim
+        _assert_model_vectors(idx, photos)
+
+
+def test_a_config_that_misjudges_the_model_costs_a_second_decode_not_a_wrong_vector(tmp_path, tiny_checkpoint,
+                                                                                  monkeypatch):
+    """If the loaded model wants other pixels or another dimension than its config implied (a pretrained tag with its
+    own mean and std, say), what was decoded is thrown away before anything is committed and decoded again."""
+    from clipsearch import indexer, model as model_room
+
+    photos, _seen, _look = _photos_with_priorities(tmp_path)
+    right, dim = model_room.config_preprocess(model_room.ModelSpec(TINY_MODEL, str(tiny_checkpoint)))
+    wrong = model_room.PreprocessSpec(size=(right.size[0] + 8, right.size[1] + 8), mean=(0.5, 0.5, 0.5),
+                                      std=(0.5, 0.5, 0.5), resize_mode="squash")
+    monkeypatch.setattr(model_room, "config_preprocess", lambda spec: (wrong, dim + 3))
+    sizes: list[tuple[int, int]] = []
+    decode = indexer.DecodeWorkers.decode
+
+    def spy(self, paths, spec, beside_the_model):
+        sizes.append(spec.size)
+        return decode(self, paths, spec, beside_the_model)
+
+    monkeypatch.setattr(indexer.DecodeWorkers, "decode", spy)
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        report = idx.index([photos], workers=2, batch_size=4)
+        assert wrong.size in sizes and sizes[-1] == right.size  # it did start with the config's guess
+        assert report.embedded == len(list(photos.iterdir())) and idx.vectors().dim == dim
+        _assert_model_vectors(idx, photos)
+    with clipsearch.open(tmp_path / "idx") as idx:  # and it all reads back from disk
+        assert idx.vectors().dim == dim and idx.vectors().ntotal == report.embedded
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no process niceness on this platform")
+def test_workers_lowered_for_the_load_are_replaced_beside_a_model_off_the_cpu(tmp_path, tiny_checkpoint,
+                                                                              monkeypatch):
+    """Decode workers yield to the model's load, but beside a GPU model decoding is the bottleneck: once the model
+    is there and not on the CPU, workers at the run's own priority take over (nothing lost or stored twice)."""
+    import multiprocessing
+
+    from clipsearch import indexer
+
+    monkeypatch.setattr(indexer.DeferredModel, "on_cpu", property(lambda self: False))  # as beside a GPU
+    stopped: list[bool] = []
+    stop = indexer.DecodeWorkers.stop_yielding
+    monkeypatch.setattr(indexer.DecodeWorkers, "stop_yielding", lambda self: (stopped.append(True), stop(self)))
+    photos, seen, look = _photos_with_priorities(tmp_path)
+    noted = _slow_load_until(monkeypatch, lambda noted: noted["sent"] >= 4)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    with clipsearch.open(tmp_path / "idx", model=TINY_MODEL, pretrained=str(tiny_checkpoint)) as idx:
+        report = idx.index([photos], workers=2, batch_size=4, progress=look)
+        assert noted["ready"] and noted["beside"][0] and not noted["beside"][-1]
+        assert stopped == [True] and own in seen[-1]
+        assert report.embedded == len(list(photos.iterdir())) and report.errors == 0
+        _assert_model_vectors(idx, photos)
+    assert multiprocessing.active_children() == []

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -321,3 +322,32 @@ def test_encode_streams_say_whether_a_batch_is_still_encoding(tiny_checkpoint):
         assert not streams.busy
     finally:
         streams.close()
+
+
+def test_the_preprocessing_a_config_implies_is_the_loaded_models_and_needs_no_torch(tiny_checkpoint):
+    """What lets a new index decode while its model loads (model.config_preprocess): read from the config alone, it
+    equals what the built model uses, for our configs and open_clip's (an int or a pair for the size), and for a
+    pretrained tag whose preprocessing is the default; it is None where it cannot tell. It imports no torch."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    from clipsearch.media import PreprocessSpec
+    from clipsearch.model import config_preprocess, register_project_configs
+
+    register_project_configs()
+    for name in (TINY_MODEL, "clipsearch-tiny-clip", "ViT-B-32", "RN50"):
+        net = open_clip.create_model(name, pretrained=None).eval()
+        built = PreprocessSpec.from_open_clip(net.visual.preprocess_cfg)
+        with torch.inference_mode():
+            dim = net.encode_image(torch.zeros(1, 3, *built.size)).shape[-1]
+        assert config_preprocess(ModelSpec(name, str(tiny_checkpoint))) == (built, dim), name
+    tag = ModelSpec("ViT-B-32", "laion2b_s34b_b79k")  # the default: its preprocessing is open_clip's default one
+    expected = merge_preprocess_dict(asdict(PreprocessCfg()), open_clip.get_pretrained_cfg(tag.name, tag.pretrained))
+    assert config_preprocess(tag)[0] == PreprocessSpec.from_open_clip({**expected, "size": 224})
+    for unknown in (ModelSpec("hf-hub:someone/some-clip", ""), ModelSpec("local-dir:/models/x", ""),
+                    ModelSpec("ViT-Nope-99", "openai"), ModelSpec("ViT-B-32", "/no/such/file.safetensors")):
+        assert config_preprocess(unknown) is None, unknown
+    code = ("import sys; from clipsearch.model import ModelSpec, config_preprocess; "
+            "assert config_preprocess(ModelSpec('ViT-L-14-336', 'openai'))[0].size == (336, 336); "
+            "print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
+    assert _run_python(code, dict(os.environ)).stdout.strip() == "[]"
