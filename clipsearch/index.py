@@ -176,8 +176,8 @@ class Index:
         """The model for an indexing run. An index with a model recorded defers it until some file needs pixels, and
         decodes meanwhile with the preprocessing its model identity records. A new index does the same with the
         preprocessing the model's config implies (checked once it has loaded), and starts the decode workers at once
-        (`before_loading`): it will need them. A model loaded already, one
-        whose config cannot be read here, or a checkpoint's new location to record, is loaded now."""
+        (`before_loading`): it will need them. A model loaded already, one whose config cannot be read here, or a
+        checkpoint's new location to record, is loaded now."""
         from .indexer import DeferredModel
         from .model import config_preprocess, identity_preprocess
 
@@ -438,7 +438,7 @@ class Index:
             model = self._indexing_model(progress, before_loading=decoders.start)
             interrupted = False
             try:
-                new = self.store.dim is None  # its model is loading: the dimension its config gives
+                new = self.store.dim is None  # a new index, its model deferred: the dimension its config gives
                 indexer = Indexer(self.store, VectorIndex(model.dim) if new else self.vectors(), model,
                                   batch_size=batch_size, workers=decoders, progress=progress)
                 report = indexer.run(roots)
