@@ -222,9 +222,9 @@ def test_starved_decode_workers_are_replaced_at_the_run_priority(tmp_path, tiny_
 
 
 def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_checkpoint):
-    """A new index loads its model before the run: the decode workers start first, so their own start-up (a new
-    interpreter each) overlaps that load instead of delaying the first batch. A refresh that finds nothing new
-    starts none."""
+    """A new index will need its decode workers: they start before the scan, so their own start-up (a new
+    interpreter each) overlaps the scan and the model's load instead of delaying the first batch. A refresh that
+    finds nothing new starts none."""
     import multiprocessing
 
     photos = tmp_path / "photos"
