@@ -467,7 +467,8 @@ class Indexer:
     def _starved(self, chunk: Future) -> bool:
         """Whether the model sat idle for STARVED_AFTER seconds waiting for ``chunk`` from lowered workers: other
         programs are keeping the cores busy, and beside them a worker at nice 19 gets almost nothing (beside two busy
-        loops on 2 cores, indexing ran at 1.6-1.7 images/s against 16.2-16.8 at equal priority)."""
+        loops on 2 cores, indexing ran at 1.6-1.7 images/s against 16.2-16.8 at equal priority). While the model
+        loads, waiting counts too: workers lowered for the load that get nothing are replaced before it ends."""
         idle_since: float | None = None
         while not wait([chunk], timeout=STARVED_POLL).done:
             if self._encode_streams is not None and self._encode_streams.busy:
