@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,9 +53,11 @@ def _read(tensor: Any, folder: Path) -> np.ndarray:
     return array.reshape(tuple(tensor.dims))
 
 
-def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, str]) -> int:
+def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, str],
+               read: Callable[[Any], np.ndarray] | None = None) -> int:
     """Write the int8 twin of the float32 file ``source`` (weights stored outside it) as ``graph_path`` + ``data``,
     with ``metadata`` (full keys) replacing the source's. Returns how many matrices were quantized; 0 writes nothing.
+    ``read`` gives an external initializer's array, when its bytes are not in the source's data file (yet).
     """
     import onnx
     from onnx.helper import make_node, make_opsetid
@@ -78,7 +80,7 @@ def write_int8(source: Path, graph_path: Path, data: Path, metadata: dict[str, s
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 stored.append(tensor)
                 continue
-            array = _read(tensor, source.parent)
+            array = read(tensor) if read is not None else _read(tensor, source.parent)
             if tensor.name not in quantized:
                 stored.append(out.put(tensor.name, array))
                 continue

@@ -243,28 +243,32 @@ _ALIGN = 65536  # onnx's own allocation granularity for tensors over 1 MB: onnxr
 class WeightsFile:
     """Tensors written one after another into one external-data file, those over 1 MB at offsets onnxruntime can map
     as they are; `put` returns the initializer that points at its tensor (onnx's own helper wants the bytes in the
-    proto first: a copy of every tensor)."""
+    proto first: a copy of every tensor). With ``write=False`` nothing is written: the initializers point where the
+    same tensors, put in the same order, would be (see `_write`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, write: bool = True) -> None:
         self.path = path
+        self.write = write
         self._offset = 0
 
     def __enter__(self) -> "WeightsFile":
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb") if self.write else None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def put(self, name: str, array: np.ndarray) -> Any:
         import onnx
         from onnx.helper import np_dtype_to_tensor_dtype
 
-        array = np.ascontiguousarray(array)
         align = _ALIGN if array.nbytes > 1 << 20 else 64
         self._offset = -(-self._offset // align) * align
-        self._file.seek(self._offset)
-        self._file.write(memoryview(array.reshape(-1)).cast("B"))
+        if self._file is not None:
+            array = np.ascontiguousarray(array)
+            self._file.seek(self._offset)
+            self._file.write(memoryview(array.reshape(-1)).cast("B"))
         tensor = onnx.TensorProto(name=name, data_type=np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
                                   data_location=onnx.TensorProto.EXTERNAL)
         for key, value in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
@@ -273,14 +277,15 @@ class WeightsFile:
         return tensor
 
 
-def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
-    """Turn the graph's weight inputs into initializers stored in ``data``, written tensor by tensor from the module.
+def _weights_of(proto: Any, graph: Any) -> dict[str, Callable[[], np.ndarray]]:
+    """The graph's weight inputs, taken out of ``proto``, as initializer names and readers of their arrays from the
+    module (in file order), for `_attach_weights`.
 
     A weight read only through a Transpose (torch's Linear) is stored transposed and the node dropped: that is the
     constant folding the exporter would have done, and onnxruntime would otherwise redo at every load (a cold query).
     Memory stays at one tensor's copy at most; letting torch serialise the weights into the protobuf grew the process
-    by 870-900 MB (ViT-B-32 text tower, 255 MB), against 450-465 MB now: the model's text weights, first touched here,
-    and the written file, mapped by the check session (both file-backed)."""
+    by 870-900 MB (ViT-B-32 text tower, 255 MB), against 450-465 MB: the model's text weights, first touched here, and
+    the written file, mapped by the check session (both file-backed)."""
     tensors = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
     weights = [i.name for i in proto.graph.input[1:]]
     unknown = [name for name in weights if name not in tensors]
@@ -301,10 +306,25 @@ def _attach_weights(proto: Any, graph: Any, data: Path) -> None:
         else:
             planned.append((name, name, None))
     del proto.graph.input[1:]
-    with WeightsFile(data) as out:
-        for name, weight, perm in planned:
+
+    def reader(weight: str, perm: list[int] | None) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
             array = tensors[weight].detach().cpu().numpy()
-            proto.graph.initializer.append(out.put(name, array if perm is None else array.transpose(perm)))
+            return array if perm is None else array.transpose(perm)
+        return read
+
+    return {name: reader(weight, perm) for name, weight, perm in planned}
+
+
+def _attach_weights(proto: Any, weights: dict[str, Callable[[], np.ndarray]], data: Path, write: bool) -> None:
+    """Add ``weights`` (`_weights_of`) to ``proto`` as initializers stored in ``data``, written tensor by tensor
+    unless not ``write`` (then only placed: see WeightsFile). Initializers of the same names are replaced."""
+    kept = [t for t in proto.graph.initializer if t.name not in weights]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    with WeightsFile(data, write) as out:
+        for name, read in weights.items():
+            proto.graph.initializer.append(out.put(name, read()))
 
 
 def _check_file(path: Path, tokens: np.ndarray, reference: np.ndarray, trim: bool) -> None:
@@ -346,9 +366,11 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
             else:
                 raise ModelError(f"cannot export the text tower of {clip_model.spec.name} to ONNX: {'; '.join(errors)}")
             proto = onnx.load(str(raw))
-        weights_as_inputs = len(proto.graph.input) > 1  # the TorchScript export (export_params=False)
-        if weights_as_inputs:
-            _attach_weights(proto, graph, data)
+        # The TorchScript export (export_params=False) leaves the weights to us. Their float32 bytes (ViT-B-32: 255 MB)
+        # are written only once no int8 twin replaces them: the twin reads them from the module.
+        weights = _weights_of(proto, graph) if len(proto.graph.input) > 1 else None
+        if weights is not None:
+            _attach_weights(proto, weights, data, write=not int8)
         meta = {
             "format": FORMAT_VERSION,
             "identity": clip_model.identity,
@@ -363,16 +385,20 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
         del proto.metadata_props[:]
         for key, value in meta.items():
             proto.metadata_props.add(key=_PREFIX + key, value=value)
-        if weights_as_inputs:
+        if weights is not None:
             onnx.save_model(proto, str(tmp))
         else:  # torch.export's file carries its weights
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
-        os.chmod(data, os.stat(tmp).st_mode & 0o777)  # onnx creates it private; give it the graph's (umask) mode
-        kept, data = _prefer_int8(proto, graph, tokenizer, trim, path, tmp, data) if int8 else (tmp, data)
+        kept, data = _prefer_int8(proto, weights, graph, tokenizer, trim, path, tmp, data) if int8 else (tmp, data)
         if kept == tmp:  # float32 it is: run it against torch (a twin kept was, and vouches for the graph)
+            if not data.exists():  # placed only, for the twin that was turned down
+                assert weights is not None
+                _attach_weights(proto, weights, data, write=True)
+                onnx.save_model(proto, str(tmp))
             _check_file(tmp, tokens.cpu().numpy(), reference.float().cpu().numpy(), trim)
         tmp = kept
+        os.chmod(data, os.stat(tmp).st_mode & 0o777)  # onnx creates it private; give it the graph's (umask) mode
         for written in (data, tmp):
             with open(written, "rb") as f:
                 os.fsync(f.fileno())
@@ -416,12 +442,13 @@ def _int8_agreement(path: Path, tokens: np.ndarray, reference: np.ndarray, singl
     return float(min((one_by_one * reference[:singly]).sum(axis=1).min(), (batched * reference).sum(axis=1).min()))
 
 
-def _prefer_int8(proto: Any, graph: Any, tokenizer: ClipTokenizer, trim: bool, path: Path, tmp: Path,
-                 data: Path) -> tuple[Path, Path]:
-    """Write the int8 twin of the float32 file ``tmp`` (+ ``data``) and return the pair to commit: the twin when it
-    agrees with torch (the float32 pair is then removed), else the float32 pair, its metadata saying why. A twin that
-    agrees with torch on 96 texts vouches for the graph it was made from, so the caller runs the float32 file only
-    when that is what it keeps (0.35 s of a ViT-B-32 export)."""
+def _prefer_int8(proto: Any, weights: dict[str, Callable[[], np.ndarray]] | None, graph: Any,
+                 tokenizer: ClipTokenizer, trim: bool, path: Path, tmp: Path, data: Path) -> tuple[Path, Path]:
+    """Write the int8 twin of the float32 file ``tmp`` (+ ``data``, whose arrays ``weights`` reads from the module
+    when given) and return the pair to commit: the twin when it agrees with torch (the float32 pair is then removed),
+    else the float32 pair, its metadata saying why. A twin that agrees with torch on 96 texts vouches for the graph it
+    was made from, so the caller runs the float32 file only when that is what it keeps (0.35 s of a ViT-B-32
+    export)."""
     import onnx
 
     from .text_int8 import write_int8
@@ -430,7 +457,8 @@ def _prefer_int8(proto: Any, graph: Any, tokenizer: ClipTokenizer, trim: bool, p
     twin_data = path.with_name(f"{path.name}.{secrets.token_hex(4)}.data")
     meta = {p.key: p.value for p in proto.metadata_props}
     try:
-        count = write_int8(tmp, twin, twin_data, {**meta, _PREFIX + "weights": "int8"})
+        read = None if weights is None else (lambda tensor: weights[tensor.name]())
+        count = write_int8(tmp, twin, twin_data, {**meta, _PREFIX + "weights": "int8"}, read)
         if not count:
             why = "no matrix to quantize"
         else:
@@ -441,7 +469,7 @@ def _prefer_int8(proto: Any, graph: Any, tokenizer: ClipTokenizer, trim: bool, p
                 twin_proto.metadata_props.add(key=_PREFIX + "int8", value=f"cosine {worst:.5f} against torch")
                 onnx.save_model(twin_proto, str(twin))
                 tmp.unlink()
-                data.unlink()
+                data.unlink(missing_ok=True)  # never written, when the module gave the twin its arrays
                 return twin, twin_data
             why = f"int8 cosine {worst:.5f} < {_INT8_CHECK_COSINE} against torch"
     except Exception as exc:  # noqa: BLE001 - an int8 twin that cannot be built or run only costs speed

@@ -266,6 +266,29 @@ def test_int8_twin_replaces_the_float32_file_when_it_agrees(tiny_model, tmp_path
     assert min_cosine(singly, reference) >= 0.99
 
 
+@pytest.mark.parametrize("bar, written", [(0.99, ["int8"]), (1.01, ["int8", "float32"])])
+def test_the_float32_weights_are_written_only_when_no_twin_replaces_them(tiny_model, tmp_path, monkeypatch, bar,
+                                                                         written):
+    """The twin reads the float32 arrays from the module, so an export that keeps it never writes the float32 weights
+    (ViT-B-32: 255 MB, 0.7 s of the export); one that turns it down writes them after, and commits them checked."""
+    opened: list[str] = []  # weight files written, in order
+    real_enter = text_onnx.WeightsFile.__enter__
+
+    def note(self):
+        if getattr(self, "write", True):
+            opened.append(str(self.path))
+        return real_enter(self)
+
+    monkeypatch.setattr(text_onnx.WeightsFile, "__enter__", note)
+    path = int8_export(tiny_model, tmp_path / "text.onnx", monkeypatch, bar=bar)
+    encoder = OnnxTextEncoder(path)
+    assert encoder.weights == written[-1]
+    kept = next(tmp_path.glob("text.onnx.*.data"))
+    assert len(opened) == len(written) and opened[-1] == str(kept)  # the file committed is the last one written
+    texts = sample_texts(30, seed=8)
+    assert min_cosine(encoder.encode_texts(texts), tiny_model.encode_texts(texts)) >= (0.99 if bar < 1 else 0.9999)
+
+
 def test_int8_twin_that_disagrees_is_discarded(tiny_model, tmp_path, monkeypatch):
     path = int8_export(tiny_model, tmp_path / "text.onnx", monkeypatch, bar=1.01)
     encoder = OnnxTextEncoder(path)
