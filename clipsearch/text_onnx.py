@@ -284,8 +284,8 @@ def _weights_of(proto: Any, graph: Any) -> dict[str, Callable[[], np.ndarray]]:
     A weight read only through a Transpose (torch's Linear) is stored transposed and the node dropped: that is the
     constant folding the exporter would have done, and onnxruntime would otherwise redo at every load (a cold query).
     Memory stays at one tensor's copy at most; letting torch serialise the weights into the protobuf grew the process
-    by 870-900 MB (ViT-B-32 text tower, 255 MB), against 450-465 MB: the model's text weights, first touched here, and
-    the written file, mapped by the check session (both file-backed)."""
+    by 870-900 MB (ViT-B-32 text tower, 255 MB), against 450-500 MB: the model's text weights, first touched here, and
+    the written file, which the check session maps (both file-backed)."""
     tensors = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
     weights = [i.name for i in proto.graph.input[1:]]
     unknown = [name for name in weights if name not in tensors]
@@ -369,8 +369,9 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
         # The TorchScript export (export_params=False) leaves the weights to us. Their float32 bytes (ViT-B-32: 255 MB)
         # are written only once no int8 twin replaces them: the twin reads them from the module.
         weights = _weights_of(proto, graph) if len(proto.graph.input) > 1 else None
+        float_written = weights is None or not int8
         if weights is not None:
-            _attach_weights(proto, weights, data, write=not int8)
+            _attach_weights(proto, weights, data, write=float_written)
         meta = {
             "format": FORMAT_VERSION,
             "identity": clip_model.identity,
@@ -392,8 +393,7 @@ def _write(clip_model: Any, graph: Any, tokenizer: ClipTokenizer, tokens: Any, r
                             location=data.name, size_threshold=1024)
         kept, data = _prefer_int8(proto, weights, graph, tokenizer, trim, path, tmp, data) if int8 else (tmp, data)
         if kept == tmp:  # float32 it is: run it against torch (a twin kept was, and vouches for the graph)
-            if not data.exists():  # placed only, for the twin that was turned down
-                assert weights is not None
+            if weights is not None and not float_written:  # placed only, for the twin that was turned down
                 _attach_weights(proto, weights, data, write=True)
                 onnx.save_model(proto, str(tmp))
             _check_file(tmp, tokens.cpu().numpy(), reference.float().cpu().numpy(), trim)
