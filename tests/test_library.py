@@ -256,8 +256,9 @@ def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_c
 
 
 def _slow_load_until(monkeypatch, ready) -> dict:
-    """Make the model's load wait (at most 20 s) until ``ready(noted)``; what the decode calls were sent with meanwhile is
-    noted: ``sent`` the files, ``beside`` whether each worker was to lower itself, ``ready`` whether the wait ended."""
+    """Make the model's load wait (at most 20 s) until ``ready(noted)``, where ``noted`` says what the decode calls
+    were sent with meanwhile: ``sent`` the files, ``beside`` whether each worker was to lower itself; and ``ready``
+    whether the wait ended so."""
     import time
 
     from clipsearch import indexer
