@@ -222,7 +222,9 @@ class DecodeWorkers:
 
     Beside a model on the CPU, and beside a model's load, the workers lower themselves to the lowest priority
     (media.yield_cpu_to_the_model); `lowered` says some were told to. `stop_yielding` replaces them with new ones at
-    the run's own priority, for good: when they starve, or once a model that loaded beside them runs on a GPU."""
+    the run's own priority, for good, when they starve. Workers lowered for the load of a model that then runs on a
+    GPU stay lowered: on cores nothing else wants, nice 19 costs nothing, and ending busy workers is not free (one
+    ended while it sent its result leaves the old pool's reader waiting for the rest, and interpreter exit with it)."""
 
     def __init__(self, count: int | None = None) -> None:
         if count is not None and count < 0:
@@ -417,8 +419,7 @@ class Indexer:
                         len(pending) < (window_while_loading if self.model.loading else window):
                     pending.append((chunks[next_chunk], send(chunks[next_chunk])))
                     next_chunk += 1
-                beside_gpu = not self.model.loading and not self.model.on_cpu  # lowered only for the load
-                if self.decoders.lowered and (beside_gpu or self._starved(pending[0][1])):
+                if self.decoders.lowered and self._starved(pending[0][1]):
                     self.decoders.stop_yielding()  # cancels what the old workers had not started: send it again
                     pending = deque((chunk, send(chunk)) for chunk, _future in pending)
                 chunk, future = pending.popleft()

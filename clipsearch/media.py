@@ -737,8 +737,8 @@ def yield_cpu_to_the_model() -> None:
     interleaved rounds). But such a worker weighs 1/68 of a normal process: while other programs keep the cores busy it
     gets almost nothing, and the model waits. The indexer watches for that (indexer.STARVED_AFTER) and replaces lowered
     workers with new ones at its own priority: an unprivileged process cannot raise its priority again. Workers also
-    yield to the model's load (one core for 2-3 s), whatever its device; beside a GPU model decoding is the
-    bottleneck, so once it runs there they are replaced too."""
+    yield to the model's load (one core for 2-3 s), whatever its device. Beside a GPU model, where decoding is the
+    bottleneck, they are otherwise never lowered; those lowered for the load lose nothing on idle cores."""
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) < YIELDING_NICENESS:
             os.setpriority(os.PRIO_PROCESS, 0, YIELDING_NICENESS)
