@@ -438,13 +438,14 @@ class Index:
             model = self._indexing_model(progress, before_loading=decoders.start)
             interrupted = False
             try:
-                new = self.store.dim is None  # a new index, its model deferred: the dimension its config gives
-                indexer = Indexer(self.store, VectorIndex(model.dim) if new else self.vectors(), model,
-                                  batch_size=batch_size, workers=decoders, progress=progress)
+                # a new index whose model is deferred has no dimension stored yet: the one its config gives
+                vectors = VectorIndex(model.dim) if self.store.dim is None else self.vectors()
+                indexer = Indexer(self.store, vectors, model, batch_size=batch_size, workers=decoders,
+                                  progress=progress)
                 report = indexer.run(roots)
                 vectors = self._vectors = indexer.vectors  # another one when the loaded model had another dimension
-                if new:
-                    model.get()  # recorded even when no file could be embedded
+                if self.store.dim is None:  # no file needed the model: adopting it records it all the same
+                    model.get()
             except KeyboardInterrupt:
                 interrupted = True  # a person waits: leave a load in flight to its daemon thread (it writes nothing)
                 raise

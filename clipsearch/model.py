@@ -92,8 +92,7 @@ def config_preprocess(spec: ModelSpec) -> tuple[PreprocessSpec, int] | None:
     does not exist (loading would fail; the caller should say so before decoding anything)."""
     if spec.name.startswith(("hf-hub:", "local-dir:")):
         return None
-    checkpoint = Path(spec.pretrained).expanduser()
-    if (checkpoint.suffix.lower() in _CHECKPOINT_SUFFIXES or os.sep in spec.pretrained) and not checkpoint.is_file():
+    if _names_a_file(spec.pretrained) and not Path(spec.pretrained).expanduser().is_file():
         return None
     found = importlib.util.find_spec("open_clip")  # finds the package without running it
     folders = [PROJECT_CONFIGS]  # registered after open_clip's own, so ours win a name they share (as in open_clip)
@@ -109,6 +108,11 @@ def config_preprocess(spec: ModelSpec) -> tuple[PreprocessSpec, int] | None:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
     return None
+
+
+def _names_a_file(pretrained: str) -> bool:
+    """Whether ``pretrained`` reads as a checkpoint path rather than a tag (a file suffix, or a folder in it)."""
+    return Path(pretrained).suffix.lower() in _CHECKPOINT_SUFFIXES or os.sep in pretrained
 
 
 def pretrained_id(spec: ModelSpec) -> str:
@@ -132,7 +136,7 @@ def _check_spec(spec: ModelSpec) -> None:
     path = Path(spec.pretrained).expanduser()
     if path.is_file() or open_clip.get_pretrained_cfg(spec.name, spec.pretrained):
         return
-    if path.suffix.lower() in _CHECKPOINT_SUFFIXES or os.sep in spec.pretrained:
+    if _names_a_file(spec.pretrained):
         raise ModelError(f"checkpoint file not found: {spec.pretrained}")
     tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
     raise ModelError(
