@@ -215,6 +215,21 @@ class DeferredModel:
             self._thread.join()
 
 
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Shut ``pool`` down and end its workers now, busy or not. ProcessPoolExecutor has no public way to (Python 3.14
+    adds one), hence its private fields. A worker ended while it sends its result leaves the pool's reader waiting for
+    the rest, and interpreter exit waiting on that reader, for as long as a write end of the result pipe is open
+    anywhere: this process holds one, closed here, so the reader gets end-of-file and the pool gives up as broken."""
+    workers = list(getattr(pool, "_processes", None) or {})
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for pid in workers:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    if writer is not None:
+        writer.close()
+
+
 class DecodeWorkers:
     """The decode processes of one indexing run. They start on first use, or earlier through `start`: each is a new
     interpreter importing `media` (0.17-0.22 s here), which can overlap the model's load instead of delaying the
@@ -223,8 +238,8 @@ class DecodeWorkers:
     Beside a model on the CPU, and beside a model's load, the workers lower themselves to the lowest priority
     (media.yield_cpu_to_the_model); `lowered` says some were told to. `stop_yielding` replaces them with new ones at
     the run's own priority, for good, when they starve. Workers lowered for the load of a model that then runs on a
-    GPU stay lowered: on cores nothing else wants, nice 19 costs nothing, and ending busy workers is not free (one
-    ended while it sent its result leaves the old pool's reader waiting for the rest, and interpreter exit with it)."""
+    GPU stay lowered: on cores nothing else wants, nice 19 costs nothing, while replacing them would throw away what
+    they were decoding."""
 
     def __init__(self, count: int | None = None) -> None:
         if count is not None and count < 0:
@@ -260,11 +275,7 @@ class DecodeWorkers:
         and the old ones are ended: what they were decoding, starved, is sent again to the new ones."""
         self._yielding = self.lowered = False
         if self._pool is not None:
-            workers = list(getattr(self._pool, "_processes", None) or {})  # ProcessPoolExecutor's pids
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            for pid in workers:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)
+            _end_workers(self._pool)
             self._retired.append(self._pool)
             self._pool = None
 

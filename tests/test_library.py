@@ -221,6 +221,41 @@ def test_starved_decode_workers_are_replaced_at_the_run_priority(tmp_path, tiny_
         np.testing.assert_allclose(stored, alone, atol=2e-3)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="reads a pipe's fill level with FIONREAD (POSIX)")
+def test_a_worker_ended_while_it_sends_leaves_no_reader_waiting():
+    """Starved workers are ended whatever they are doing. One ended halfway through sending its result left the old
+    pool's reader waiting for the rest, and with it the exit of the indexing process (a CI run hung after its last
+    test). Half a result is put in the pipe here, as such a worker leaves it, and the reader must give up."""
+    import fcntl
+    import struct
+    import termios
+    import time
+
+    from clipsearch import indexer
+
+    workers = indexer.DecodeWorkers(1)
+    pool = workers.pool
+    pool.submit(os.getpid).result()
+    manager, writer = pool._executor_manager_thread, pool._result_queue._writer
+    reader = pool._result_queue._reader.fileno()
+
+    def unread() -> int:
+        return struct.unpack("i", fcntl.ioctl(reader, termios.FIONREAD, b"\0" * 4))[0]
+
+    whole, half = 1 << 20, 1 << 10
+    os.write(writer.fileno(), struct.pack("!i", whole) + bytes(half))  # a result's length, then the start of it
+    deadline = time.monotonic() + 10
+    while unread() and time.monotonic() < deadline:  # the reader has taken it and waits for the rest
+        time.sleep(0.01)
+    workers.stop_yielding()
+    manager.join(timeout=10)
+    waiting = manager.is_alive()
+    if waiting:  # finish the message so that this test process can still exit
+        os.write(writer.fileno(), bytes(whole - half))
+    workers.close()
+    assert not waiting
+
+
 def test_decode_workers_start_while_a_new_index_loads_its_model(tmp_path, tiny_checkpoint):
     """A new index will need its decode workers: they start before the scan, so their own start-up (a new
     interpreter each) overlaps the scan and the model's load instead of delaying the first batch. A refresh that
