@@ -28,6 +28,7 @@ import numpy as np
 
 from .cores import usable_cores
 from .errors import ModelError, first_line
+from .hub import unobtainable
 from .media import PreprocessSpec, fingerprint
 from .open_clip_import import import_open_clip
 from .tokenizer import ClipTokenizer, UnsupportedTokenizer, from_open_clip
@@ -144,9 +145,11 @@ def _check_spec(spec: ModelSpec) -> None:
     )
 
 
-def _offline_hint(spec: ModelSpec) -> str:
+def _offline_hint(spec: ModelSpec, why: str = "offline?") -> str:
+    if spec.name.startswith("hf-hub:"):  # its repository names the weights; --pretrained is not used
+        return f"{spec.name} is not cached and could not be downloaded ({why}); download it once with network"
     return (
-        f"weights '{spec.pretrained}' for {spec.name} are not cached and could not be downloaded (offline?); "
+        f"weights '{spec.pretrained}' for {spec.name} are not cached and could not be downloaded ({why}); "
         f"download them once with network, or pass a local checkpoint: --pretrained /path/to/open_clip_model.safetensors"
     )
 
@@ -351,6 +354,8 @@ class ClipModel:
 
         spec = spec.resolved()
         _check_spec(spec)
+        if why := unobtainable(open_clip, spec.name, spec.pretrained):
+            raise ModelError(_offline_hint(spec, why))
         self.spec = spec
         self.device = device or default_device()
         self.precision = resolve_precision(precision, self.device)  # the one used, never 'auto'
