@@ -54,3 +54,9 @@ class VerifyFailed(ClipsearchError):
     """SQLite and FAISS disagree."""
 
     exit_code = 8
+
+
+class IndexReadOnly(ClipsearchError):
+    """The index can be searched but not written here: another user's, or on read-only media."""
+
+    exit_code = 9

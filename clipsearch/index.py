@@ -350,6 +350,7 @@ class Index:
         """`held` if current, else the saved file if current, else a rebuild from one SQLite snapshot. Current means
         the store's generation and a plan that still suits the number of vectors (`VectorIndex.needs_rebuild`): an
         index whose collection crossed a threshold is rebuilt with the plan chosen for its new size."""
+        self.store.follow_changes()
         generation = int(self.store.get_meta(generation_key, "0"))
         if held is not None and held.generation == generation and not held.needs_rebuild():
             return held
@@ -406,6 +407,7 @@ class Index:
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
+        self.store.check_writable()
         self.path.mkdir(parents=True, exist_ok=True)
         with (self.path / LOCK_NAME).open("a+") as handle:
             try:

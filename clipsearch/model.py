@@ -70,10 +70,8 @@ class ModelSpec:
 
     def resolved(self) -> "ModelSpec":
         """Checkpoint paths made absolute, so an index can find its model again from any working directory."""
-        candidate = Path(self.pretrained).expanduser()
-        if candidate.is_file():
-            return ModelSpec(self.name, str(candidate.resolve()))
-        return self
+        candidate = _checkpoint_file(self.pretrained)
+        return ModelSpec(self.name, str(candidate.resolve())) if candidate is not None else self
 
 
 def register_project_configs() -> None:
@@ -93,8 +91,8 @@ def config_preprocess(spec: ModelSpec) -> tuple[PreprocessSpec, int] | None:
     does not exist (loading would fail; the caller should say so before decoding anything)."""
     if spec.name.startswith(("hf-hub:", "local-dir:")):
         return None
-    if _names_a_file(spec.pretrained) and not Path(spec.pretrained).expanduser().is_file():
-        return None
+    if _names_a_file(spec.pretrained) and not os.path.isfile(Path(spec.pretrained).expanduser()):
+        return None  # missing, or out of this user's reach: loading says which
     found = importlib.util.find_spec("open_clip")  # finds the package without running it
     folders = [PROJECT_CONFIGS]  # registered after open_clip's own, so ours win a name they share (as in open_clip)
     if found is not None and found.submodule_search_locations:
@@ -116,12 +114,23 @@ def _names_a_file(pretrained: str) -> bool:
     return Path(pretrained).suffix.lower() in _CHECKPOINT_SUFFIXES or os.sep in pretrained
 
 
+def _checkpoint_file(pretrained: str) -> Path | None:
+    """The checkpoint file ``pretrained`` names; None for a tag or a missing file. One this user may not read is an
+    error of its own (pathlib raises for a folder that may not be entered; a tag-or-mismatch guess would mislead)."""
+    path = Path(pretrained).expanduser()
+    try:
+        if not path.is_file():
+            return None
+        with path.open("rb"):
+            return path
+    except PermissionError as exc:
+        raise ModelError(f"cannot read checkpoint '{pretrained}': permission denied") from exc
+
+
 def pretrained_id(spec: ModelSpec) -> str:
     """What identifies the weights: the tag itself, or a content fingerprint of a checkpoint file (so a moved file still matches)."""
-    path = Path(spec.pretrained).expanduser()
-    if path.is_file():
-        return f"file:{fingerprint(path)}"
-    return spec.pretrained
+    path = _checkpoint_file(spec.pretrained)
+    return f"file:{fingerprint(path)}" if path is not None else spec.pretrained
 
 
 def _check_spec(spec: ModelSpec) -> None:
@@ -134,8 +143,7 @@ def _check_spec(spec: ModelSpec) -> None:
         raise ModelError(f"unknown model '{spec.name}' (open_clip knows e.g. ViT-B-32, ViT-B-16, ViT-L-14, RN50)")
     if not spec.pretrained:
         raise ModelError(f"{spec.name} has no published weights: pass a checkpoint file with --pretrained FILE")
-    path = Path(spec.pretrained).expanduser()
-    if path.is_file() or open_clip.get_pretrained_cfg(spec.name, spec.pretrained):
+    if _checkpoint_file(spec.pretrained) is not None or open_clip.get_pretrained_cfg(spec.name, spec.pretrained):
         return
     if _names_a_file(spec.pretrained):
         raise ModelError(f"checkpoint file not found: {spec.pretrained}")

@@ -6,8 +6,10 @@ file records, so a stale FAISS file is always detectable.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     import sqlite_utils
 
-from .errors import NotAnIndex
+from .errors import IndexReadOnly, NotAnIndex
 
 DB_NAME = "clipsearch.db"
 APP_ID = 0x434C5053  # "CLPS": marks the file as ours, so another SQLite file is refused instead of altered
@@ -100,15 +102,60 @@ class Store:
     def __init__(self, directory: Path, create: bool = False) -> None:
         self.directory = Path(directory)
         self.path = self.directory / DB_NAME
-        if not self.path.exists():
-            if not create:
-                raise NotAnIndex(f"{self.directory} is not a clipsearch index (no {DB_NAME})")
-            self.directory.mkdir(parents=True, exist_ok=True)
+        exists = self.path.exists()
+        if not exists and not create:
+            raise NotAnIndex(f"{self.directory} is not a clipsearch index (no {DB_NAME})")
+        if exists and not os.access(self.path, os.R_OK):
+            raise NotAnIndex(f"cannot read {self.path}: permission denied")
+        # Another user's index, or one on read-only media: it can still be searched, never written.
+        self.read_only = exists and not (os.access(self.path, os.W_OK) and os.access(self.directory, os.W_OK))
+        self._immutable_as_of: tuple | None = None  # the file as a connection opened immutable found it
+        if not exists:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.directory, os.W_OK):
+                    raise PermissionError("permission denied")
+            except OSError as exc:
+                raise IndexReadOnly(f"cannot create an index in {self.directory}: {exc.strerror or exc}") from exc
         try:
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.conn = self._connect_read_only() if self.read_only else self._connect()
             self._check_and_migrate(create)
         except sqlite3.DatabaseError as exc:
             raise NotAnIndex(f"{self.path} is not a readable clipsearch database ({exc})") from exc
+
+    def _connect(self, uri: str | None = None) -> sqlite3.Connection:
+        return sqlite3.connect(uri or self.path, timeout=30, isolation_level=None, check_same_thread=False,
+                               uri=uri is not None)
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Read-only. A WAL database needs its -shm file, which exists only while a writer has it open (it then
+        works as usual) and cannot be created here otherwise: with no writer about, the file is opened as immutable."""
+        uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+        conn = self._connect(uri)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            self._immutable_as_of = None
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            self._immutable_as_of = self._file_state()
+            return self._connect(uri + "&immutable=1")
+
+    def _file_state(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None  # gone: the open connection still reads the file it has
+        return st.st_ino, st.st_size, st.st_mtime_ns, os.path.exists(f"{self.path}-wal")
+
+    def follow_changes(self) -> None:
+        """An immutable connection never looks at the file again: once the file has changed, or a writer has it
+        open, connect again, so a long-lived reader (the web page) follows another user's runs."""
+        if self._immutable_as_of is None or self._file_state() in (None, self._immutable_as_of):
+            return
+        self.conn.close()
+        self.__dict__.pop("db", None)  # sqlite-utils over the old connection
+        self.conn = self._connect_read_only()
 
     @cached_property
     def db(self) -> "sqlite_utils.Database":
@@ -134,11 +181,15 @@ class Store:
             raise NotAnIndex(f"{self.path} is an SQLite file but not a clipsearch index")
         if version > SCHEMA_VERSION:
             raise NotAnIndex(f"{self.path} was written by a newer clipsearch (schema {version} > {SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION and self.read_only:
+            return
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         if version == SCHEMA_VERSION:
             return
+        self.check_writable(f"it needs an upgrade to schema {SCHEMA_VERSION} (it has {version}); open it once "
+                                  "where it can be written")
         if not create and version == 0:
             raise NotAnIndex(f"{self.path} is not a clipsearch index")
         db = self.db
@@ -151,9 +202,16 @@ class Store:
                 db["meta"].upsert_all([{"key": "generation", "value": "0"}, {"key": "created", "value": now()}],
                                       pk="key")
 
+    def check_writable(self, what: str = "it can be searched, not changed") -> None:
+        """Raise IndexReadOnly, saying ``what``, when this process cannot write the index."""
+        if self.read_only:
+            raise IndexReadOnly(f"index {self.directory} is read-only here (another user's, or on read-only media): "
+                                f"{what}")
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One atomic write: everything inside commits together or not at all."""
+        self.check_writable()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield

@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import secrets
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -287,9 +287,9 @@ class VectorIndex:
                              "ntotal": self.ntotal, "plan": asdict(self.plan), "trained_n": self.trained_n}).encode()
         if isinstance(self.engine, _Flat):  # JSON ignores trailing spaces: they put the rows on an aligned offset
             header += b" " * (-(len(MAGIC) + _HEADER_LEN.size + len(header) + _FLAT_ROWS_AT) % _ROWS_ALIGN)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            with os.fdopen(fd, "wb") as out:
+            with open(tmp, "xb") as out:  # the umask's mode, like the database: tempfile's 0600 kept other users out
                 out.write(MAGIC)
                 out.write(_HEADER_LEN.pack(len(header)))
                 out.write(header)
