@@ -379,8 +379,8 @@ class Index:
 
     def _save_if_idle(self, vectors: VectorIndex, path: Path, generation_key: str) -> None:
         """Save a rebuilt index unless a writer is at work: this process's own run saves when it ends, another
-        process's run saves its newer state."""
-        if self._writing:
+        process's run saves its newer state. An index this process cannot write keeps it in memory."""
+        if self._writing or self.store.read_only:
             return
         try:
             with self._save_lock(blocking=False):  # never the writers' lock: an `index` starting now must not be busy

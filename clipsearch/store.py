@@ -181,17 +181,18 @@ class Store:
             raise NotAnIndex(f"{self.path} is an SQLite file but not a clipsearch index")
         if version > SCHEMA_VERSION:
             raise NotAnIndex(f"{self.path} was written by a newer clipsearch (schema {version} > {SCHEMA_VERSION})")
-        if version == SCHEMA_VERSION and self.read_only:
+        if not create and version == 0:
+            raise NotAnIndex(f"{self.path} is not a clipsearch index")
+        if self.read_only:  # nothing to set or migrate: a connection's settings here would be writes
+            if version < SCHEMA_VERSION:
+                self.check_writable(f"it needs an upgrade to schema {SCHEMA_VERSION} (it has {version}); open it "
+                                    "once where it can be written")
             return
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         if version == SCHEMA_VERSION:
             return
-        self.check_writable(f"it needs an upgrade to schema {SCHEMA_VERSION} (it has {version}); open it once "
-                                  "where it can be written")
-        if not create and version == 0:
-            raise NotAnIndex(f"{self.path} is not a clipsearch index")
         db = self.db
         with self.transaction():
             for migrate in MIGRATIONS[version:]:

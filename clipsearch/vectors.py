@@ -298,7 +298,7 @@ class VectorIndex:
                 os.fsync(out.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         self._file = (path, self.generation)
 

@@ -76,6 +76,19 @@ def test_no_index_can_be_created_where_this_user_cannot_write(tmp_path, tiny_che
     assert "cannot create an index" in result.stderr and not (place / DB_NAME).exists()
 
 
+def test_an_older_index_that_cannot_be_written_says_it_needs_an_upgrade(tmp_path, not_writable):
+    import sqlite3
+
+    from clipsearch.store import SCHEMA_VERSION, Store
+
+    Store(tmp_path / "idx", create=True).close()
+    with sqlite3.connect(tmp_path / "idx" / DB_NAME) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")
+    not_writable(tmp_path / "idx")
+    with pytest.raises(errors.IndexReadOnly, match="needs an upgrade"):
+        Store(tmp_path / "idx")
+
+
 def _captions(folder: Path) -> Path:
     path = folder / "captions.jsonl"
     path.write_text('{"text": "a dog on a beach"}\n')
