@@ -327,10 +327,21 @@ def _attach_weights(proto: Any, weights: dict[str, Callable[[], np.ndarray]], da
             proto.graph.initializer.append(out.put(name, read()))
 
 
+
+def onnxruntime() -> Any:
+    """onnxruntime, with its telemetry off unless the user has chosen (ORT_DISABLE_TELEMETRY set either way). On Linux
+    it queued usage events for upload (a device id, the OS, the interpreter's path; onnxruntime 1.32 here) in
+    ~/.cache/Microsoft at every import, and warned on stderr where that folder cannot be made: a local search
+    engine sends nothing anywhere."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    return ort
+
 def _check_file(path: Path, tokens: np.ndarray, reference: np.ndarray, trim: bool) -> None:
     """Run the written file with onnxruntime, on full and (when trimmed) cut tokens, against torch's own output:
     a file that would answer differently from the torch path is never committed."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     session = ort.InferenceSession(str(path), _session_options(1, long_lived=False), providers=["CPUExecutionProvider"])
     length = int(tokens.argmax(axis=1).max()) + 1
@@ -520,7 +531,7 @@ def _session_options(threads: int | None, long_lived: bool) -> Any:
     written as such), so they changed no output bit (int8 and float32 files) and cost 30-40 ms of load (session 41
     against 74 ms, int8 file, medians of 5).
     """
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     options = ort.SessionOptions()
     if long_lived:
@@ -551,7 +562,7 @@ class OnnxTextEncoder:
 
     def __init__(self, path: str | os.PathLike, context_length: int | None = None, *, identity: str | None = None,
                  threads: int | None = None, long_lived: bool = False) -> None:
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -153,6 +153,20 @@ def test_cli_text_search_imports_neither_torch_nor_open_clip(built, monkeypatch)
     assert np.allclose([h["score"] for h in fast], [h["score"] for h in slow], atol=2e-3)
 
 
+@pytest.mark.parametrize(("chosen", "queued"), [(None, False), ("0", True)], ids=["default", "user-enabled"])
+def test_a_query_leaves_no_onnxruntime_telemetry_behind(built, tmp_path, monkeypatch, chosen, queued):
+    """onnxruntime (1.32 here) queues usage events for upload under ~/.cache/Microsoft at import; clipsearch turns
+    that off unless the user has set ORT_DISABLE_TELEMETRY either way (0 here: the queue appears, as ORT's own)."""
+    path, _, _ = built
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    env = {"HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    if chosen is not None:
+        env["ORT_DISABLE_TELEMETRY"] = chosen
+    run = run_cli_in_fresh_python([["search", "a dog", "--index", str(path), "-k", "2"]], env)
+    assert run["outputs"][0][0] == 0 and "onnxruntime" in run["imported"]
+    assert any((tmp_path / "cache").rglob("*")) == queued
+
+
 @pytest.mark.parametrize("command", ["search", "similar"])
 def test_a_cli_query_leaves_its_index_to_the_os(built, command):
     """A one-shot query prints its hits and ends the process without freeing the index first (unmapping its vectors,
