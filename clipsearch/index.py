@@ -148,6 +148,10 @@ class Index:
         if stored_identity and loaded.spec.pretrained != self.store.get_meta("pretrained"):  # same weights, moved
             with self.store.transaction():
                 self.store.set_meta({"pretrained": loaded.spec.pretrained})
+        from .model import precision_warning
+
+        if warning := precision_warning(loaded.precision, loaded.device):
+            self.notices.append(warning)
         self._model = loaded
         return loaded
 
