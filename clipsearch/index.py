@@ -393,7 +393,7 @@ class Index:
         except IndexBusy:
             pass  # another process is saving one right now
         except OSError:
-            pass  # read-only location: keep the rebuilt index in memory
+            pass  # the location refused the write after all (a full disk, permissions misread): keep it in memory
 
     @contextmanager
     def _save_lock(self, blocking: bool) -> Iterator[None]:

@@ -42,8 +42,8 @@ PROJECT_CONFIGS = Path(__file__).with_name("model_configs")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _MADV_PAGEOUT = 21  # linux/mman-common.h, Linux 5.4+
-_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; without them bf16 is emulated and slower
-_FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")  # the same for fp16
+_NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+"""Per low precision, the CPU flags of native dot products in it: without them it is emulated, several times slower."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if str(device).startswith("cuda"):
         return "fp16"
-    if _on_cpu(device) and not cpu_flags().isdisjoint(_BF16_CPU_FLAGS):
+    if _on_cpu(device) and _native_on_cpu("bf16"):
         return "bf16"
     return "fp32"
 
@@ -222,13 +222,14 @@ def precision_warning(precision: str, device: str) -> str | None:
     """Why a precision chosen by hand will be slow: a CPU without native math for it emulates it. Measured here
     (Zen 4, AVX512-BF16 but no AVX512-FP16; random-init ViT-B-32, batch 32): fp16 3.4 images/s against bf16 38.6
     and fp32 16.7; on a CPU without bf16, bf16 ran about 6x slower than fp32."""
-    if not _on_cpu(device):
+    if not _on_cpu(device) or precision not in _NATIVE_CPU_FLAGS or _native_on_cpu(precision):
         return None
-    for name, flags in (("fp16", _FP16_CPU_FLAGS), ("bf16", _BF16_CPU_FLAGS)):
-        if precision == name and cpu_flags().isdisjoint(flags):
-            return (f"this CPU has no native {name} math ({' or '.join(flags)}): {name} runs several times slower "
-                    f"here than --precision auto")
-    return None
+    return (f"this CPU has no native {precision} math ({' or '.join(_NATIVE_CPU_FLAGS[precision])}): {precision} runs "
+            f"several times slower here than --precision auto")
+
+
+def _native_on_cpu(precision: str) -> bool:
+    return not cpu_flags().isdisjoint(_NATIVE_CPU_FLAGS[precision])
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",

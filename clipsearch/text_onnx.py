@@ -327,7 +327,6 @@ def _attach_weights(proto: Any, weights: dict[str, Callable[[], np.ndarray]], da
             proto.graph.initializer.append(out.put(name, read()))
 
 
-
 def onnxruntime() -> Any:
     """onnxruntime, with its telemetry off unless the user has chosen (ORT_DISABLE_TELEMETRY set either way). On Linux
     it queued usage events for upload (a device id, the OS, the interpreter's path; onnxruntime 1.32 here) in
@@ -337,6 +336,7 @@ def onnxruntime() -> Any:
     import onnxruntime as ort
 
     return ort
+
 
 def _check_file(path: Path, tokens: np.ndarray, reference: np.ndarray, trim: bool) -> None:
     """Run the written file with onnxruntime, on full and (when trimmed) cut tokens, against torch's own output:
